@@ -1,0 +1,380 @@
+"""Routing trees: send every input to exactly one expert (a leaf).
+
+The book's reading of Kratsios et al.'s "Algorithm 1: Routing Tree" (its text is not available,
+so this is our design choice, labelled as such in the chapters): every internal node holds one
+*prototype key* per child, and an input descends by choosing, at each level, the child whose key
+is nearest. Two ways to make the keys:
+
+* :meth:`RoutingTree.regular` — over the box [a, b]^n, the keys are the centres of nested
+  sub-boxes (``branching`` pieces per axis at every level), so routing finds the leaf box that
+  contains the input;
+* :meth:`RoutingTree.from_data` — recursive k-means: the keys of a node's children are the
+  k-means centroids of the training points that reached that node.
+
+Every level has the same number ``B`` of children per node, so the nodes of level ``l`` are
+numbered ``0 .. B**l - 1`` and child ``c`` of node ``i`` is node ``i * B + c`` one level down.
+Routing a batch is one gather + one small distance computation per level: cost
+``O(depth * B * n)`` per point, against ``O(B**depth * n)`` for a flat nearest-leaf search.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["RoutingTree"]
+
+# Upper bound on elements of one temporary [chunk, B, n] block during routing.
+_ROUTE_BLOCK = 1 << 24
+_MAX_LEAVES = 1 << 22
+
+
+def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
+    """Validate and convert ``x`` to a floating ``[N, n]`` tensor."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    if t.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array of shape [N, n], got shape {tuple(t.shape)}")
+    if n is not None and t.shape[1] != n:
+        raise ValueError(
+            f"{what} has {t.shape[1]} coordinates per point but the tree is {n}-dimensional; "
+            f"pass an array of shape [N, {n}]"
+        )
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).any(dim=1).sum())
+        raise ValueError(f"{what} contains NaN or infinite values in {bad} rows; clean the input")
+    return t
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class RoutingTree:
+    """A tree of prototype keys that routes each point to one leaf.
+
+    Build one with :meth:`regular` or :meth:`from_data`; the constructor takes the raw keys.
+
+    Parameters
+    ----------
+    keys : list of tensors
+        ``keys[l]`` has shape ``[B**l, B, n]``: the keys of the ``B`` children of each node of level ``l``.
+    kind : str
+        ``"regular"`` or ``"kmeans"`` (informational, plus cell geometry for regular trees).
+    bounds : (float, float), optional
+        The box [a, b]^n of a regular tree.
+    axis_branching : tuple of int, optional
+        Pieces per axis of a regular tree (their product is ``B``).
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[torch.Tensor],
+        kind: str = "custom",
+        bounds: tuple[float, float] | None = None,
+        axis_branching: tuple[int, ...] | None = None,
+    ) -> None:
+        if len(keys) < 1:
+            raise ValueError("a routing tree needs at least one level of keys (depth >= 1), got 0")
+        k0 = keys[0]
+        if k0.ndim != 3 or k0.shape[0] != 1:
+            raise ValueError(f"keys[0] must have shape [1, B, n], got {tuple(k0.shape)}")
+        b, n = k0.shape[1], k0.shape[2]
+        for level, k in enumerate(keys):
+            want = (b**level, b, n)
+            if tuple(k.shape) != want:
+                raise ValueError(f"keys[{level}] must have shape {want}, got {tuple(k.shape)}")
+        self.keys = [k.detach().to(torch.float32).contiguous() for k in keys]
+        self.kind = kind
+        self.bounds = bounds
+        self.axis_branching = axis_branching
+        self._device_keys: dict[torch.device, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def regular(
+        cls,
+        n: int,
+        depth: int,
+        branching: int | Sequence[int] = 2,
+        a: float = 0.0,
+        b: float = 1.0,
+    ) -> "RoutingTree":
+        """Regular tree over [a, b]^n: every level splits each box into ``branching`` pieces per axis.
+
+        ``branching`` is one integer for every axis or one per axis; the keys are the centres of the
+        sub-boxes, so a point is routed to the leaf box that contains it (points exactly on a
+        shared face go to one of the two boxes).
+        """
+        n = _positive_int(n, "dimension n")
+        depth = _positive_int(depth, "depth")
+        per_axis = (branching,) * n if isinstance(branching, (int, np.integer)) else tuple(branching)
+        if len(per_axis) != n:
+            raise ValueError(f"branching must give one value per axis ({n}), got {len(per_axis)}")
+        per_axis = tuple(_positive_int(p, "branching per axis") for p in per_axis)
+        if not (math.isfinite(a) and math.isfinite(b)) or not a < b:
+            raise ValueError(f"the box needs finite a < b, got a={a}, b={b}; swap or fix them")
+        big_b = math.prod(per_axis)
+        if big_b < 2:
+            raise ValueError(f"branching must split at least one axis (product >= 2), got {per_axis}")
+        if big_b**depth > _MAX_LEAVES:
+            raise ValueError(
+                f"{big_b}**{depth} = {big_b**depth} leaves is more than {_MAX_LEAVES}; lower depth or branching"
+            )
+        pieces = torch.tensor(per_axis, dtype=torch.float64)
+        child_index = cls._child_grid(per_axis)  # [B, n] integer offsets per axis
+        lo = torch.full((1, n), float(a), dtype=torch.float64)
+        size = torch.full((n,), float(b - a), dtype=torch.float64)
+        keys = []
+        for _ in range(depth):
+            child_size = size / pieces
+            child_lo = lo[:, None, :] + child_index[None] * child_size  # [nodes, B, n]
+            keys.append((child_lo + child_size / 2).to(torch.float32))
+            lo, size = child_lo.reshape(-1, n), child_size
+        return cls(keys, kind="regular", bounds=(float(a), float(b)), axis_branching=per_axis)
+
+    @staticmethod
+    def _child_grid(per_axis: tuple[int, ...]) -> torch.Tensor:
+        """All child offsets, axis 0 slowest: row ``c`` holds the per-axis index of child ``c``."""
+        axes = [torch.arange(p, dtype=torch.float64) for p in per_axis]
+        mesh = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+
+    @classmethod
+    def from_data(
+        cls,
+        x: Any,
+        depth: int,
+        branching: int = 4,
+        iters: int = 25,
+        seed: int = 0,
+    ) -> "RoutingTree":
+        """Data-driven tree by recursive k-means (vectorised over all nodes of a level).
+
+        Each level runs Lloyd's algorithm inside every node at once: the children's keys are the
+        centroids of the points that reached the node. Needs at least ``branching**depth`` points.
+        A node with fewer distinct points than ``branching`` gets repeated keys, so some of its
+        leaves stay empty.
+        """
+        depth = _positive_int(depth, "depth")
+        big_b = _positive_int(branching, "branching")
+        if big_b < 2:
+            raise ValueError(f"branching must be >= 2, got {branching}")
+        iters = _positive_int(iters, "iters")
+        pts = _as_points(x).to(torch.float32)
+        leaves = big_b**depth
+        if leaves > _MAX_LEAVES:
+            raise ValueError(f"{big_b}**{depth} = {leaves} leaves is too many; lower depth or branching")
+        if len(pts) < leaves:
+            raise ValueError(
+                f"k-means tree with branching={big_b}, depth={depth} has {leaves} leaves but got only "
+                f"{len(pts)} points; give at least one point per leaf or lower depth/branching"
+            )
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        node = torch.zeros(len(pts), dtype=torch.long, device=pts.device)
+        parent_keys = pts.mean(0, keepdim=True)  # [1, n] where the root "is"
+        keys = []
+        for level in range(depth):
+            nodes = big_b**level
+            k = cls._init_keys(pts, node, nodes, big_b, parent_keys, gen)
+            for _ in range(iters):
+                child = _nearest(pts, k[node])
+                new_k = _centroids(pts, node * big_b + child, nodes * big_b, k.reshape(-1, pts.shape[1]))
+                new_k = new_k.reshape(nodes, big_b, -1)
+                if torch.equal(new_k, k):
+                    break
+                k = new_k
+            child = _nearest(pts, k[node])
+            keys.append(k)
+            node = node * big_b + child
+            parent_keys = k.reshape(-1, pts.shape[1])
+        return cls([k.cpu() for k in keys], kind="kmeans")
+
+    @staticmethod
+    def _init_keys(
+        pts: torch.Tensor,
+        node: torch.Tensor,
+        nodes: int,
+        big_b: int,
+        parent_keys: torch.Tensor,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """Pick ``big_b`` random member points of every node as initial keys (all nodes at once)."""
+        n = pts.shape[1]
+        priority = torch.rand(len(pts), generator=gen).to(pts.device)
+        order = torch.argsort(node.to(torch.float64) + priority.to(torch.float64))
+        counts = torch.bincount(node, minlength=nodes)
+        starts = torch.cumsum(counts, 0) - counts
+        j = torch.arange(big_b, device=pts.device)
+        safe = counts.clamp(min=1)
+        pos = starts[:, None] + (j[None, :] % safe[:, None])  # repeat members when too few
+        pos = pos.clamp(max=max(len(pts) - 1, 0))
+        k = pts[order[pos]]  # [nodes, B, n]
+        empty = counts == 0
+        if bool(empty.any()):  # an empty node keeps its own location for every child
+            k[empty] = parent_keys[empty][:, None, :].expand(-1, big_b, n)
+        return k
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n(self) -> int:
+        """Input dimension."""
+        return int(self.keys[0].shape[2])
+
+    @property
+    def depth(self) -> int:
+        return len(self.keys)
+
+    @property
+    def branching(self) -> int:
+        """Children per internal node."""
+        return int(self.keys[0].shape[1])
+
+    @property
+    def num_leaves(self) -> int:
+        return self.branching**self.depth
+
+    @property
+    def leaf_keys(self) -> torch.Tensor:
+        """``[num_leaves, n]``: the key of every leaf, in leaf order."""
+        return self.keys[-1].reshape(-1, self.n)
+
+    @property
+    def path_parameter_count(self) -> int:
+        """Key coordinates read while routing one point: ``depth * B * n``."""
+        return self.depth * self.branching * self.n
+
+    @property
+    def parameter_count(self) -> int:
+        """All key coordinates stored in the tree."""
+        return sum(k.numel() for k in self.keys)
+
+    def __repr__(self) -> str:
+        extra = f", bounds={self.bounds}, axis_branching={self.axis_branching}" if self.bounds else ""
+        return (
+            f"RoutingTree(kind={self.kind!r}, n={self.n}, depth={self.depth}, "
+            f"branching={self.branching}, leaves={self.num_leaves}{extra})"
+        )
+
+    # ------------------------------------------------------------------ routing
+    def _keys_on(self, device: torch.device) -> list[torch.Tensor]:
+        if device not in self._device_keys:
+            self._device_keys[device] = [k.to(device) for k in self.keys]
+        return self._device_keys[device]
+
+    def route(self, x: Any, return_path: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Leaf id of every point of ``x`` (``[N, n]``), descending by nearest key per level.
+
+        Returns a ``[N]`` long tensor on ``x``'s device; with ``return_path=True`` also the
+        ``[N, depth]`` child index chosen at every level.
+        """
+        pts = _as_points(x, self.n)
+        keys = self._keys_on(pts.device)
+        chunk = max(1, _ROUTE_BLOCK // (self.branching * self.n))
+        leaves, paths = [], []
+        for start in range(0, len(pts), chunk):
+            xb = pts[start : start + chunk].to(torch.float32)
+            node = torch.zeros(len(xb), dtype=torch.long, device=pts.device)
+            steps = []
+            for k in keys:
+                child = _nearest(xb, k[node])
+                node = node * self.branching + child
+                steps.append(child)
+            leaves.append(node)
+            if return_path:
+                steps_t = torch.stack(steps, 1) if steps else node.new_zeros((len(xb), 0))
+                paths.append(steps_t)
+        leaf = torch.cat(leaves) if leaves else torch.zeros(0, dtype=torch.long, device=pts.device)
+        if not return_path:
+            return leaf
+        path = torch.cat(paths) if paths else leaf.new_zeros((0, self.depth))
+        return leaf, path
+
+    def route_flat(self, x: Any) -> torch.Tensor:
+        """Brute-force routing: the nearest *leaf* key among all ``num_leaves`` of them.
+
+        For a regular tree this equals :meth:`route`; it is the ``O(num_leaves)`` baseline.
+        """
+        pts = _as_points(x, self.n)
+        leaf_keys = self._keys_on(pts.device)[-1].reshape(-1, self.n)
+        chunk = max(1, _ROUTE_BLOCK // self.num_leaves)
+        out = [
+            torch.cdist(
+                pts[s : s + chunk].to(torch.float32), leaf_keys, compute_mode="donot_use_mm_for_euclid_dist"
+            ).argmin(1)
+            for s in range(0, len(pts), chunk)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=pts.device)
+
+    def leaf_counts(self, x: Any) -> torch.Tensor:
+        """How many points of ``x`` land in each leaf (``[num_leaves]``)."""
+        return torch.bincount(self.route(x), minlength=self.num_leaves)
+
+    # ------------------------------------------------------------------ geometry
+    def leaf_cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes of a regular tree's leaves: ``(lo, hi)``, each ``[num_leaves, n]``, in leaf order."""
+        if self.kind != "regular" or self.bounds is None or self.axis_branching is None:
+            raise ValueError(
+                f"leaf_cells() needs a regular tree (kind={self.kind!r}); use leaf_map() for any 2-D tree"
+            )
+        a, b = self.bounds
+        pieces = torch.tensor(self.axis_branching, dtype=torch.float64)
+        offsets = self._child_grid(self.axis_branching)
+        lo = torch.full((1, self.n), a, dtype=torch.float64)
+        size = torch.full((self.n,), b - a, dtype=torch.float64)
+        for _ in range(self.depth):
+            size = size / pieces
+            lo = (lo[:, None, :] + offsets[None] * size).reshape(-1, self.n)
+        return lo, lo + size
+
+    def leaf_map(
+        self,
+        resolution: int = 200,
+        bounds: tuple[float, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route a ``resolution × resolution`` raster over a 2-D box: ``(xs, ys, leaf_ids)``.
+
+        ``leaf_ids[i, j]`` is the leaf of point ``(xs[j], ys[i])`` — the layout plotly heatmaps use.
+        """
+        if self.n != 2:
+            raise ValueError(f"leaf_map() draws 2-D trees only; this tree has n={self.n}")
+        resolution = _positive_int(resolution, "resolution")
+        a, b = bounds or self.bounds or (0.0, 1.0)
+        xs = torch.linspace(a, b, resolution)
+        gy, gx = torch.meshgrid(xs, xs, indexing="ij")
+        ids = self.route(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).reshape(resolution, resolution)
+        return xs, xs.clone(), ids
+
+    # ------------------------------------------------------------------ saving
+    def state_dict(self) -> dict[str, Any]:
+        """Plain description (tensors + JSON-able metadata) from which :meth:`from_state_dict` rebuilds the tree."""
+        return {
+            "kind": self.kind,
+            "bounds": list(self.bounds) if self.bounds else None,
+            "axis_branching": list(self.axis_branching) if self.axis_branching else None,
+            "keys": [k.clone() for k in self.keys],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "RoutingTree":
+        bounds = tuple(state["bounds"]) if state.get("bounds") else None
+        axis = tuple(state["axis_branching"]) if state.get("axis_branching") else None
+        return cls(list(state["keys"]), kind=state.get("kind", "custom"), bounds=bounds, axis_branching=axis)  # type: ignore[arg-type]
+
+
+def _nearest(x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of each point's candidate keys: ``x [N, n]``, ``cand [N, B, n]`` → ``[N]``."""
+    return ((cand - x[:, None, :]) ** 2).sum(-1).argmin(1)
+
+
+def _centroids(x: torch.Tensor, cluster: torch.Tensor, k: int, old: torch.Tensor) -> torch.Tensor:
+    """Mean of the points of each of ``k`` clusters; an empty cluster keeps its old centre."""
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, cluster, x)
+    counts = torch.bincount(cluster, minlength=k).to(x.dtype)[:, None]
+    return torch.where(counts > 0, sums / counts.clamp(min=1), old)

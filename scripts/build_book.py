@@ -1,0 +1,70 @@
+"""Build the book under one run profile: ``python scripts/build_book.py --profile smoke --out _build/smoke``.
+
+Copies plotly.js into the book's static folder (once for the whole book), writes a copy of
+``_config.yml`` whose cell timeout is the profile's, and runs ``jupyter-book build`` with
+``MOMLP_PROFILE`` and ``MOMLP_BOOK_BUILD=1`` set so every chapter executes under that profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import plotly
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from momlp_lite.config import get_profile  # noqa: E402
+from momlp_lite.plots import BOOK_BUILD_ENV  # noqa: E402
+
+
+def ship_plotly_js() -> Path:
+    """Copy the installed plotly.min.js into book/_static (the page loads it from there)."""
+    src = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    dst = ROOT / "book" / "_static" / "plotly.min.js"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def profile_config(profile: str, out: Path) -> Path:
+    """Write ``_config.yml`` with the profile's cell timeout into ``out`` and return its path."""
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    cfg["execute"]["timeout"] = get_profile(profile).cell_timeout_s
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"_config.{profile}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def build(profile: str, out: Path) -> Path:
+    """Build the HTML book into ``out/_build/html`` and return that folder."""
+    get_profile(profile)  # fail early on a bad name
+    ship_plotly_js()
+    config = profile_config(profile, out)
+    env = dict(os.environ, MOMLP_PROFILE=profile, **{BOOK_BUILD_ENV: "1"})
+    jb = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(jb), "build", str(ROOT), "--config", str(config), "--path-output", str(out)]
+    print("+", " ".join(cmd), f"(MOMLP_PROFILE={profile})", flush=True)
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    return out / "_build" / "html"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default=os.environ.get("MOMLP_PROFILE", "default"))
+    parser.add_argument("--out", type=Path, default=ROOT, help="folder that receives _build/html")
+    args = parser.parse_args()
+    html = build(args.profile, args.out.resolve())
+    print(f"\nThe book is at {html / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Turn a percent-format script (``# %%`` / ``# %% [markdown]`` cells) into a notebook without outputs.
+
+Authoring aid: ``python scripts/py2nb.py chapter.py book/chapter.ipynb``. Markdown cells are
+written as ``# `` comment lines in the script; a cell tagged ``# %% tags=["hide-input"]`` keeps
+its tags.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+CELL = re.compile(r"^# %%(?P<md> \[markdown\])?(?:\s+tags=(?P<tags>\[.*\]))?\s*$")
+
+
+def convert(text: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    cells: list[tuple[bool, list[str], list[str]]] = []
+    for line in text.splitlines():
+        m = CELL.match(line)
+        if m:
+            cells.append((bool(m.group("md")), json.loads(m.group("tags")) if m.group("tags") else [], []))
+        elif cells:
+            cells[-1][2].append(line)
+    for is_md, tags, lines in cells:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        if is_md:
+            src = "\n".join(re.sub(r"^# ?", "", ln) for ln in lines)
+            cell = nbformat.v4.new_markdown_cell(src)
+        else:
+            cell = nbformat.v4.new_code_cell("\n".join(lines))
+        if tags:
+            cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i}"
+    return nb
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/py2nb.py SOURCE.py TARGET.ipynb")
+    nb = convert(Path(sys.argv[1]).read_text())
+    nbformat.validate(nb)
+    Path(sys.argv[2]).write_text(nbformat.writes(nb) + "\n")
+
+
+if __name__ == "__main__":
+    main()
