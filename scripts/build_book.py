@@ -51,7 +51,7 @@ def build(profile: str, out: Path) -> Path:
     config = profile_config(profile, out)
     env = dict(os.environ, MOMLP_PROFILE=profile, **{BOOK_BUILD_ENV: "1"})
     jb = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(jb), "build", str(ROOT), "--config", str(config), "--path-output", str(out)]
+    cmd = [str(jb), "build", "--all", str(ROOT), "--config", str(config), "--path-output", str(out)]
     print("+", " ".join(cmd), f"(MOMLP_PROFILE={profile})", flush=True)
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     return out / "_build" / "html"

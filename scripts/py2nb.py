@@ -1,8 +1,9 @@
-"""Turn a percent-format script (``# %%`` / ``# %% [markdown]`` cells) into a notebook without outputs.
+"""Turn a percent-format script (``# %%`` / ``# %% [markdown]`` cells) into a chapter notebook.
 
 Authoring aid: ``python scripts/py2nb.py chapter.py book/chapter.ipynb``. Markdown cells are
 written as ``# `` comment lines in the script; a cell tagged ``# %% tags=["hide-input"]`` keeps
-its tags.
+its tags. Every chapter gets :data:`INSTALL_CELL` as its first cell (Colab installs the package
+there); ``scripts/chapter_template.py`` shows the conventions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from pathlib import Path
 
 import nbformat
 
+REPOSITORY = "https://github.com/momlp-book/momlp-book"
+INSTALL_CELL = f"""# Colab / a fresh kernel: install momlp_lite (and its book extras) when it is missing.
+try:
+    import momlp_lite
+except ImportError:
+    %pip install -q "momlp-lite[book] @ git+{REPOSITORY}"
+    import momlp_lite"""
+INSTALL_TAGS = ["remove-cell"]
+
 CELL = re.compile(r"^# %%(?P<md> \[markdown\])?(?:\s+tags=(?P<tags>\[.*\]))?\s*$")
 
 
@@ -23,7 +33,7 @@ def convert(text: str) -> nbformat.NotebookNode:
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
     }
-    cells: list[tuple[bool, list[str], list[str]]] = []
+    cells: list[tuple[bool, list[str], list[str]]] = [(False, INSTALL_TAGS, INSTALL_CELL.splitlines())]
     for line in text.splitlines():
         m = CELL.match(line)
         if m:
