@@ -369,8 +369,11 @@ class RoutingTree:
 
 
 def _nearest(x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of each point's candidate keys: ``x [N, n]``, ``cand [N, B, n]`` → ``[N]``."""
-    return ((cand - x[:, None, :]) ** 2).sum(-1).argmin(1)
+    """Index of the nearest of each point's candidate keys: ``x [N, n]``, ``cand [N, B, n]`` → ``[N]``.
+
+    ``cand`` must be a fresh tensor (e.g. the result of a gather): it is overwritten in place.
+    """
+    return cand.sub_(x[:, None, :]).square_().sum(-1).argmin(1)
 
 
 def _centroids(x: torch.Tensor, cluster: torch.Tensor, k: int, old: torch.Tensor) -> torch.Tensor:

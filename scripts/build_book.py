@@ -38,6 +38,10 @@ def profile_config(profile: str, out: Path) -> Path:
     """Write ``_config.yml`` with the profile's cell timeout into ``out`` and return its path."""
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     cfg["execute"]["timeout"] = get_profile(profile).cell_timeout_s
+    # Jupyter Book resolves local extension folders against the config file's folder.
+    local = cfg.get("sphinx", {}).get("local_extensions") or {}
+    for name, folder in local.items():
+        local[name] = str((ROOT / folder).resolve())
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"_config.{profile}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
