@@ -1,8 +1,10 @@
 """Turn a percent-format script (``# %%`` / ``# %% [markdown]`` cells) into a chapter notebook.
 
 Authoring aid: ``python scripts/py2nb.py chapter.py book/chapter.ipynb``. Markdown cells are
-written as ``# `` comment lines in the script; a cell tagged ``# %% tags=["hide-input"]`` keeps
-its tags. Every chapter gets :data:`INSTALL_CELL` as its first cell (Colab installs the package
+written as ``# `` comment lines in the script; a cell header may carry JSON options:
+``# %% tags=["hide-input"]`` keeps the tags, and
+``# %% figure={"name": "fig-x", "caption": "..."}`` numbers the cell's (single) figure with a caption
+that ``{numref}`fig-x``` can refer to. Every chapter gets :data:`INSTALL_CELL` as its first cell (Colab installs the package
 there); ``scripts/chapter_template.py`` shows the conventions.
 """
 
@@ -24,7 +26,21 @@ except ImportError:
     import momlp_lite"""
 INSTALL_TAGS = ["remove-cell"]
 
-CELL = re.compile(r"^# %%(?P<md> \[markdown\])?(?:\s+tags=(?P<tags>\[.*\]))?\s*$")
+CELL = re.compile(r"^# %%(?P<md> \[markdown\])?(?P<options>(?:\s+\w+=.*)?)$")
+OPTION = re.compile(r"\s*(\w+)=")
+
+
+def parse_options(text: str) -> dict:
+    """Parse ``key=<JSON> key=<JSON> ...`` from a cell header."""
+    options, decoder, pos = {}, json.JSONDecoder(), 0
+    while text[pos:].strip():
+        m = OPTION.match(text, pos)
+        if not m:
+            raise ValueError(f"cannot parse cell options {text!r}")
+        value, end = decoder.raw_decode(text, m.end())
+        options[m.group(1)] = value
+        pos = end
+    return options
 
 
 def convert(text: str) -> nbformat.NotebookNode:
@@ -33,14 +49,14 @@ def convert(text: str) -> nbformat.NotebookNode:
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
     }
-    cells: list[tuple[bool, list[str], list[str]]] = [(False, INSTALL_TAGS, INSTALL_CELL.splitlines())]
+    cells: list[tuple[bool, dict, list[str]]] = [(False, {"tags": INSTALL_TAGS}, INSTALL_CELL.splitlines())]
     for line in text.splitlines():
         m = CELL.match(line)
         if m:
-            cells.append((bool(m.group("md")), json.loads(m.group("tags")) if m.group("tags") else [], []))
+            cells.append((bool(m.group("md")), parse_options(m.group("options")), []))
         elif cells:
             cells[-1][2].append(line)
-    for is_md, tags, lines in cells:
+    for is_md, options, lines in cells:
         while lines and not lines[-1].strip():
             lines.pop()
         while lines and not lines[0].strip():
@@ -50,8 +66,10 @@ def convert(text: str) -> nbformat.NotebookNode:
             cell = nbformat.v4.new_markdown_cell(src)
         else:
             cell = nbformat.v4.new_code_cell("\n".join(lines))
-        if tags:
-            cell.metadata["tags"] = tags
+        if options.get("tags"):
+            cell.metadata["tags"] = options["tags"]
+        if options.get("figure"):
+            cell.metadata["mystnb"] = {"figure": options["figure"]}
         nb.cells.append(cell)
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i}"
