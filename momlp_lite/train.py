@@ -46,6 +46,7 @@ __all__ = [
     "train_experts_serial",
     "train_dense",
     "per_expert_loss",
+    "TrainStep",
 ]
 
 LOSSES = ("mse", "cross_entropy")
@@ -77,6 +78,7 @@ class TrainConfig:
     bf16 : run forward/backward under bfloat16 autocast (a GPU lever; fp32 master weights).
     fused : fused optimizer kernel; ``None`` = on for CUDA, off elsewhere.
     compile : ``torch.compile`` the forward+loss (``True`` or a mode string); CUDA only, ignored elsewhere.
+    cuda_graph : capture forward+backward+optimizer step in one CUDA graph (CUDA only, ignored elsewhere).
     progress : show a tqdm progress bar.
     device : where to train (``"cpu"``, ``"cuda"``...); ``None`` = :func:`momlp_lite.config.get_device`.
     """
@@ -96,6 +98,7 @@ class TrainConfig:
     bf16: bool = False
     fused: bool | None = None
     compile: bool | str = False
+    cuda_graph: bool = False
     progress: bool = True
     device: str | None = None
 
@@ -288,15 +291,88 @@ def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torc
     return ce.view(L, B).mean(1)
 
 
-def _make_optimizer(params: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(params: Any, cfg: TrainConfig, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     fused = (device.type == "cuda") if cfg.fused is None else bool(cfg.fused)
     kw: dict[str, Any] = dict(lr=cfg.lr)
     if fused:
         kw["fused"] = True
+    if capturable:
+        kw["capturable"] = True
     if cfg.weight_decay is not None:
         kw["weight_decay"] = cfg.weight_decay
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, **kw)
+
+
+class TrainStep:
+    """One optimizer step of ``L`` experts: ``step(xb [L, B, in], yb) -> per-expert losses [L]``.
+
+    Forward, the per-expert losses (summed for backward, so experts stay independent) and the
+    optimizer update. The GPU levers of :class:`TrainConfig` live here: fused Adam/AdamW, bf16
+    autocast, ``torch.compile`` of forward+loss, and a CUDA graph of the whole step (captured on
+    the first call, after warm-up steps whose effect on parameters, buffers and optimizer state is
+    undone). On a CPU the CUDA-only levers are ignored.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                 cfg: TrainConfig, device: torch.device) -> None:
+        self.module, self.cfg, self.device = module, cfg, device
+        self.use_graph = bool(cfg.cuda_graph) and device.type == "cuda"
+        self.opt = _make_optimizer(module.parameters(), cfg, device, capturable=self.use_graph)
+        self._forward = forward
+        self._loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._eager_loss
+        if cfg.compile and device.type == "cuda":
+            mode = None if cfg.compile is True else str(cfg.compile)
+            self._loss = torch.compile(self._eager_loss, mode=mode)  # type: ignore[assignment]
+        self._graph: Any = None
+
+    def autocast(self) -> Any:
+        """bf16 autocast when asked for, else a no-op context."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
+
+    def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            pred = self._forward(xb)
+        return per_expert_loss(pred, yb, self.cfg.loss)
+
+    def _eager_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        losses = self._loss(xb, yb)
+        self.opt.zero_grad(set_to_none=not self.use_graph)
+        losses.sum().backward()
+        self.opt.step()
+        return losses.detach()
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph:
+            return self._eager_step(xb, yb)
+        if self._graph is None:
+            self._capture(xb, yb)
+        self._x.copy_(xb)
+        self._y.copy_(yb)
+        self._graph.replay()
+        return self._losses.clone()
+
+    def _capture(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Warm up on a side stream, undo the warm-up, then record one whole step."""
+        saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self._x, self._y = xb.clone(), yb.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._eager_step(self._x, self._y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():  # back to the state before warm-up: parameters, buffers, fresh optimizer
+            for k, v in self.module.state_dict().items():
+                v.copy_(saved[k])
+            for state in self.opt.state.values():
+                for t in state.values():
+                    if isinstance(t, torch.Tensor):
+                        t.zero_()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._losses = self._eager_step(self._x, self._y)
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, n_in: int, loss: str) -> None:
@@ -441,16 +517,8 @@ def _fit(
     offsets = split.train_offsets.to(dev)
     has_val = split.n_val > 0
     sampler = LockstepSampler(split.n_train, split.expert_ids, cfg.batch_size, cfg.seed, dev)
-    opt = _make_optimizer(adapter.module.parameters(), cfg, dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-
-    def step_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            pred = adapter.forward(xb)
-        return per_expert_loss(pred, yb, cfg.loss)
-
-    if cfg.compile and dev.type == "cuda":
-        step_loss = torch.compile(step_loss, mode=None if cfg.compile is True else str(cfg.compile))  # type: ignore[assignment]
+    train_step = TrainStep(adapter.module, adapter.forward, cfg, dev)
+    autocast = train_step.autocast()
 
     def evaluate() -> torch.Tensor:
         if len(x_va) == 0:
@@ -504,11 +572,8 @@ def _fit(
     while step < plan.steps and bool(active.any()):
         pos = sampler.indices(step)
         idx = offsets[:, None] + pos
-        losses = step_loss(x_tr[idx], y_tr[idx])
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        opt.step()
-        running += losses.detach()
+        losses = train_step(x_tr[idx], y_tr[idx])
+        running += losses
         since += 1
         step += 1
         bar.update(1)
