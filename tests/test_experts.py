@@ -205,3 +205,16 @@ def test_broadcast_input_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     torch.testing.assert_close(y.float(), m(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kw", SHAPES)
+def test_fold_affine_matches_standardised_experts(kw):
+    m = make(**kw).eval()
+    perturb_(m)
+    g = torch.Generator().manual_seed(5)
+    shift, scale = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.5
+    oshift, oscale = torch.randn(5, 2, generator=g), torch.rand(5, 2, generator=g) + 0.5
+    x = torch.randn(5, 4, 3, generator=g)
+    want = oscale[:, None] * m((x - shift[:, None]) / scale[:, None]) + oshift[:, None]
+    m.fold_affine_(shift, scale, oshift, oscale)
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
