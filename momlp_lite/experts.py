@@ -28,6 +28,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .sizes import dense_width_for_parameters, mlp_parameter_count
@@ -228,7 +229,8 @@ class StackedMLP(nn.Module):
             if self.batchnorm:
                 h = self._batchnorm(h, k, p, k_update)
             if self.prelu:
-                h = torch.where(h >= 0, h, h * p["slope"].to(h.dtype)[:, None, None])
+                # one fused kernel each way: F.prelu with the experts as the channel dimension
+                h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0)
             else:
                 h = torch.relu(h)
         return h

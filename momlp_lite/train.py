@@ -343,7 +343,10 @@ class TrainStep:
 
     def autocast(self) -> Any:
         """bf16 autocast when asked for, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
+        if not self.cfg.bf16:
+            return nullcontext()
+        # CUDA graphs need autocast's weight-cast cache off (casts must be recorded inside the graph)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
 
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -394,6 +397,9 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, n_in: int,
         raise ValueError(f"x must have shape [N, {n_in}], got {tuple(x.shape)}")
     if len(y) != len(x) or len(leaf) != len(x):
         raise ValueError(f"x, y and leaf need the same number of rows, got {len(x)}, {len(y)}, {len(leaf)}")
+    if leaf.ndim != 1 or (leaf.numel() and int(leaf.min()) < 0):
+        raise ValueError(f"leaf must be a 1-D tensor of expert ids >= 0, got shape {tuple(leaf.shape)}"
+                         f"{'' if not leaf.numel() else f' with min {int(leaf.min())}'}")
     if loss == "cross_entropy" and (y.ndim != 1 or y.is_floating_point()):
         raise ValueError(f"cross_entropy needs integer class ids y of shape [N], got {y.dtype} {tuple(y.shape)}")
     if loss == "mse" and y.ndim != 2:
