@@ -24,7 +24,6 @@ modules and files (one file per expert).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -67,6 +66,9 @@ class StackedMLP(nn.Module):
         Global id of each expert in the stack (distinct, >= 0); default ``0..L-1``.
     generator : torch.Generator, optional
         For the initialisation (``nn.Linear``'s: uniform in ``±1/sqrt(fan_in)``).
+    seed : int, optional
+        Instead of ``generator``: initialise expert ``e`` from ``(seed, e)`` alone, so that a stack of
+        any subset of experts (one per process, say) starts exactly as the full stack would.
     device, dtype
         Where and in what precision the parameters live.
 
@@ -93,6 +95,7 @@ class StackedMLP(nn.Module):
         bn_momentum: float = 0.1,
         expert_ids: Sequence[int] | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -107,19 +110,33 @@ class StackedMLP(nn.Module):
         self.bn_eps = float(bn_eps)
         self.bn_momentum = float(bn_momentum)
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
+        ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
+        if ids.numel() != L:
+            raise ValueError(f"expert_ids must name {L} experts, got {ids.numel()}")
+        if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
+            raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed (per-expert initialisation) or generator, not both")
 
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-            bound = 1.0 / math.sqrt(fan_in)
-            w = torch.empty(L, fan_in, fan_out, **factory)
-            b = torch.empty(L, fan_out, **factory)
-            with torch.no_grad():
-                w.uniform_(-bound, bound, generator=generator)
-                b.uniform_(-bound, bound, generator=generator)
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(b))
+        shapes = list(zip(dims[:-1], dims[1:]))
+        # nn.Linear's initialisation: uniform in +-1/sqrt(fan_in) for weights and biases
+        init_device = generator.device if generator is not None else (torch.device("cpu") if seed is not None else device)
+        ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
+        bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
+        with torch.no_grad():
+            if seed is None:
+                for (fan_in, _), w, b in zip(shapes, ws, bs):
+                    w.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
+                    b.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
+            else:  # initialisation only (not a hot path): expert e's numbers depend on (seed, e) alone
+                for j, e in enumerate(ids.tolist()):
+                    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
+                    for (fan_in, _), w, b in zip(shapes, ws, bs):
+                        w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                        b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+        self.weights = nn.ParameterList(nn.Parameter(w.to(device)) for w in ws)
+        self.biases = nn.ParameterList(nn.Parameter(b.to(device)) for b in bs)
         if self.prelu:
             self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), PRELU_INIT, **factory))
         else:
@@ -135,11 +152,6 @@ class StackedMLP(nn.Module):
             self.register_buffer(
                 "num_batches_tracked", torch.zeros(L, dtype=torch.long, device=device)
             )
-        ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
-        if ids.numel() != L:
-            raise ValueError(f"expert_ids must name {L} experts, got {ids.numel()}")
-        if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
-            raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
         self.register_buffer("expert_ids", ids.to(device))
 
     # ------------------------------------------------------------------ description
