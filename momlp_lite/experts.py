@@ -38,7 +38,7 @@ PRELU_INIT = 0.25  # nn.PReLU's default slope
 # Upper bound on elements of one padded activation block in forward_routed.
 _ROUTED_BLOCK = 1 << 24
 
-ExpertConfig = dict  # {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
+ExpertConfig = dict[str, Any]  # keys: {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
