@@ -69,10 +69,14 @@ def test_batched_training_equals_serial(name):
     cfg = TrainConfig(batch_size=16, max_steps=60, eval_every=5, patience=1, val_fraction=0.2,
                       progress=False, seed=3, device="cpu", **case["cfg"])
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="no training data"):
-        ra = train_experts(a, x, y, leaf, cfg)
-    with pytest.warns(UserWarning, match="no training data"):
-        rb = train_experts_serial(b, x, y, leaf, cfg)
+    results = []
+    for train, m in ((train_experts, a), (train_experts_serial, b)):
+        with pytest.warns(UserWarning) as caught:
+            results.append(train(m, x, y, leaf, cfg))
+        messages = " | ".join(str(w.message) for w in caught)
+        assert "no training data" in messages and "ids [6]" in messages
+        assert "too few samples for a validation split (ids [5])" in messages
+    ra, rb = results
     assert ra.expert_ids == rb.expert_ids == [0, 1, 2, 3, 4, 5] and ra.skipped_ids == [6]
     # early stopping really happened for some experts, at different steps, and not for the tiny one
     stops = ra.stop_step[:5]
