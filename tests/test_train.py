@@ -230,3 +230,31 @@ def test_gpu_levers_are_safe_on_cpu():
     res = train_experts(model, x, y, leaf, cfg)
     assert np.all(res.best_val < res.val_loss[0])
     assert model.weights[0].dtype == torch.float32  # fp32 master weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("lever", ["cuda_graph", "bf16", "compile"])
+def test_gpu_levers_match_eager_training(lever):
+    """On a GPU: a CUDA-graph step (warm-up undone) trains exactly like the eager step; bf16 and
+    torch.compile stay close to it."""
+    from momlp_lite.train import TrainStep
+
+    dev = torch.device("cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
+    base = StackedMLP(8, 3, 32, 3, 1, seed=0, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    batches = [(torch.randn(8, 64, 3, device=dev, generator=g), torch.randn(8, 64, 1, device=dev, generator=g))
+               for _ in range(6)]
+    runs = {}
+    for name in ("eager", lever):
+        model = copy.deepcopy(base)
+        cfg = TrainConfig(lr=1e-3, progress=False, **({} if name == "eager" else {lever: True}))
+        step = TrainStep(model, model, cfg, dev)
+        losses = [step(x, y) for x, y in batches]
+        runs[name] = (model, torch.stack(losses))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    tol = dict(rtol=1e-4, atol=1e-5) if lever != "bf16" else dict(rtol=0.1, atol=0.02)
+    torch.testing.assert_close(runs[lever][1], runs["eager"][1], **tol)
+    for (k, a), b in zip(runs["eager"][0].state_dict().items(), runs[lever][0].state_dict().values()):
+        torch.testing.assert_close(b, a, **tol, msg=k)
