@@ -197,3 +197,14 @@ def test_inputs_are_validated(call, match: str) -> None:
 
 def test_numpy_integers_are_accepted() -> None:
     assert momlp_vc_bound(np.int64(2), np.int32(3), 1, 1) == 18
+
+
+def test_kink_target_and_call_validation() -> None:
+    t = kink_target(0.25)
+    x = torch.tensor([[0.25, 0.25], [1.25, 0.25]], dtype=torch.float64)
+    assert torch.allclose(t(x), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="c must be a finite number"):
+        kink_target(float("nan"))
+    model = build_interpolating_momlp(t, 2, 0.2)
+    with pytest.raises(ValueError, match=r"x must have shape \[P, 2\]"):
+        model(torch.zeros(3, 3))
