@@ -24,7 +24,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -46,6 +46,7 @@ __all__ = [
     "train_experts_serial",
     "train_dense",
     "per_expert_loss",
+    "TrainStep",
 ]
 
 LOSSES = ("mse", "cross_entropy")
@@ -77,6 +78,7 @@ class TrainConfig:
     bf16 : run forward/backward under bfloat16 autocast (a GPU lever; fp32 master weights).
     fused : fused optimizer kernel; ``None`` = on for CUDA, off elsewhere.
     compile : ``torch.compile`` the forward+loss (``True`` or a mode string); CUDA only, ignored elsewhere.
+    cuda_graph : capture forward+backward+optimizer step in one CUDA graph (CUDA only, ignored elsewhere).
     progress : show a tqdm progress bar.
     device : where to train (``"cpu"``, ``"cuda"``...); ``None`` = :func:`momlp_lite.config.get_device`.
     """
@@ -96,6 +98,7 @@ class TrainConfig:
     bf16: bool = False
     fused: bool | None = None
     compile: bool | str = False
+    cuda_graph: bool = False
     progress: bool = True
     device: str | None = None
 
@@ -246,10 +249,11 @@ class LockstepSampler:
     """
 
     def __init__(self, n: torch.Tensor, expert_ids: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", block_elements: int = 1 << 22) -> None:
         self.n_cpu = n.cpu().long()
         if bool((self.n_cpu < 1).any()):
             raise ValueError("every shard needs at least one sample; drop empty experts first")
+        L = len(self.n_cpu)
         self.device = torch.device(device)
         self.ids = expert_ids.long().to(self.device)
         self.n = self.n_cpu.to(self.device)
@@ -258,24 +262,35 @@ class LockstepSampler:
         self.per_epoch = torch.clamp(self.n_cpu // self.batch, min=1)
         self._per_epoch_dev = self.per_epoch.to(self.device)
         self.width = int(self.n_cpu.max())
-        self.perm = torch.zeros(len(self.n_cpu), self.width, dtype=torch.long, device=self.device)
-        self.epoch = torch.full((len(self.n_cpu),), -1, dtype=torch.long)
+        # permutations of several epochs are made at once: perm[j, k] is epoch base[j] + k of expert j
+        self.epochs_per_block = max(1, min(256, block_elements // max(1, L * self.width)))
+        self.perm = torch.zeros(L, self.epochs_per_block, self.width, dtype=torch.long, device=self.device)
+        self.base = torch.full((L,), -self.epochs_per_block, dtype=torch.long)
+        self._base_dev = self.base.to(self.device)
+        self._rows = torch.arange(L, device=self.device)
         self._cols = torch.arange(self.width, device=self.device)
+        self._block = torch.arange(self.epochs_per_block, device=self.device)
         self._arange_b = torch.arange(self.batch, device=self.device)
 
     def indices(self, step: int) -> torch.Tensor:
         """Positions ``[L, B]`` (into each expert's own shard) of the samples of ``step``."""
         epoch = step // self.per_epoch
-        stale = torch.nonzero(epoch != self.epoch).flatten()
+        stale = torch.nonzero((epoch < self.base) | (epoch >= self.base + self.epochs_per_block)).flatten()
         if len(stale):
             rows = stale.to(self.device)
-            key = _hash(self.seed, self.ids[rows, None], _SALT_EPOCH, epoch[stale].to(self.device)[:, None], self._cols)
-            key = torch.where(self._cols < self.n[rows, None], key, torch.full_like(key, 1 << 40))
-            self.perm[rows] = torch.argsort(key, dim=1, stable=True)
-            self.epoch[stale] = epoch[stale]
-        first = (step % self._per_epoch_dev) * self.batch  # on the device: no host copy per step
+            first_epoch = epoch[stale].to(self.device)
+            key = _hash(self.seed, self.ids[rows, None, None], _SALT_EPOCH,
+                        (first_epoch[:, None] + self._block)[:, :, None], self._cols)
+            key = torch.where(self._cols < self.n[rows, None, None], key, torch.full_like(key, 1 << 40))
+            self.perm[rows] = torch.argsort(key, dim=2, stable=True)
+            self.base[stale] = epoch[stale]
+            self._base_dev[rows] = first_epoch
+        # everything below stays on the device: no host copy per step
+        rel = step // self._per_epoch_dev - self._base_dev
+        current = self.perm[self._rows, rel]
+        first = (step % self._per_epoch_dev) * self.batch
         pos = (first[:, None] + self._arange_b) % self.n[:, None]
-        return self.perm.gather(1, pos)
+        return current.gather(1, pos)
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -288,15 +303,93 @@ def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torc
     return ce.view(L, B).mean(1)
 
 
-def _make_optimizer(params: Any, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(params: Any, cfg: TrainConfig, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     fused = (device.type == "cuda") if cfg.fused is None else bool(cfg.fused)
     kw: dict[str, Any] = dict(lr=cfg.lr)
     if fused:
         kw["fused"] = True
+    else:
+        kw["foreach"] = True  # one kernel per op over all tensors: less per-step overhead
+    if capturable:
+        kw["capturable"] = True
     if cfg.weight_decay is not None:
         kw["weight_decay"] = cfg.weight_decay
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, **kw)
+
+
+class TrainStep:
+    """One optimizer step of ``L`` experts: ``step(xb [L, B, in], yb) -> per-expert losses [L]``.
+
+    Forward, the per-expert losses (summed for backward, so experts stay independent) and the
+    optimizer update. The GPU levers of :class:`TrainConfig` live here: fused Adam/AdamW, bf16
+    autocast, ``torch.compile`` of forward+loss, and a CUDA graph of the whole step (captured on
+    the first call, after warm-up steps whose effect on parameters, buffers and optimizer state is
+    undone). On a CPU the CUDA-only levers are ignored.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                 cfg: TrainConfig, device: torch.device) -> None:
+        self.module, self.cfg, self.device = module, cfg, device
+        self.use_graph = bool(cfg.cuda_graph) and device.type == "cuda"
+        self.opt = _make_optimizer(module.parameters(), cfg, device, capturable=self.use_graph)
+        self._forward = forward
+        self._loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._eager_loss
+        if cfg.compile and device.type == "cuda":
+            mode = None if cfg.compile is True else str(cfg.compile)
+            self._loss = torch.compile(self._eager_loss, mode=mode)  # type: ignore[assignment]
+        self._graph: Any = None
+
+    def autocast(self) -> Any:
+        """bf16 autocast when asked for, else a no-op context."""
+        if not self.cfg.bf16:
+            return nullcontext()
+        # CUDA graphs need autocast's weight-cast cache off (casts must be recorded inside the graph)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
+
+    def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            pred = self._forward(xb)
+        return per_expert_loss(pred, yb, self.cfg.loss)
+
+    def _eager_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        losses = self._loss(xb, yb)
+        self.opt.zero_grad(set_to_none=not self.use_graph)
+        losses.sum().backward()
+        self.opt.step()
+        return losses.detach()
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph:
+            return self._eager_step(xb, yb)
+        if self._graph is None:
+            self._capture(xb, yb)
+        self._x.copy_(xb)
+        self._y.copy_(yb)
+        self._graph.replay()
+        return self._losses.clone()
+
+    def _capture(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Warm up on a side stream, undo the warm-up, then record one whole step."""
+        saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self._x, self._y = xb.clone(), yb.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._eager_step(self._x, self._y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():  # back to the state before warm-up: parameters, buffers, fresh optimizer
+            for k, v in self.module.state_dict().items():
+                v.copy_(saved[k])
+            for state in self.opt.state.values():
+                for t in state.values():
+                    if isinstance(t, torch.Tensor):
+                        t.zero_()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._losses = self._eager_step(self._x, self._y)
 
 
 def _check_data(x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, n_in: int, loss: str) -> None:
@@ -304,6 +397,9 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, n_in: int,
         raise ValueError(f"x must have shape [N, {n_in}], got {tuple(x.shape)}")
     if len(y) != len(x) or len(leaf) != len(x):
         raise ValueError(f"x, y and leaf need the same number of rows, got {len(x)}, {len(y)}, {len(leaf)}")
+    if leaf.ndim != 1 or (leaf.numel() and int(leaf.min()) < 0):
+        raise ValueError(f"leaf must be a 1-D tensor of expert ids >= 0, got shape {tuple(leaf.shape)}"
+                         f"{'' if not leaf.numel() else f' with min {int(leaf.min())}'}")
     if loss == "cross_entropy" and (y.ndim != 1 or y.is_floating_point()):
         raise ValueError(f"cross_entropy needs integer class ids y of shape [N], got {y.dtype} {tuple(y.shape)}")
     if loss == "mse" and y.ndim != 2:
@@ -441,16 +537,8 @@ def _fit(
     offsets = split.train_offsets.to(dev)
     has_val = split.n_val > 0
     sampler = LockstepSampler(split.n_train, split.expert_ids, cfg.batch_size, cfg.seed, dev)
-    opt = _make_optimizer(adapter.module.parameters(), cfg, dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-
-    def step_loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            pred = adapter.forward(xb)
-        return per_expert_loss(pred, yb, cfg.loss)
-
-    if cfg.compile and dev.type == "cuda":
-        step_loss = torch.compile(step_loss, mode=None if cfg.compile is True else str(cfg.compile))  # type: ignore[assignment]
+    train_step = TrainStep(adapter.module, adapter.forward, cfg, dev)
+    autocast = train_step.autocast()
 
     def evaluate() -> torch.Tensor:
         if len(x_va) == 0:
@@ -504,11 +592,8 @@ def _fit(
     while step < plan.steps and bool(active.any()):
         pos = sampler.indices(step)
         idx = offsets[:, None] + pos
-        losses = step_loss(x_tr[idx], y_tr[idx])
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        opt.step()
-        running += losses.detach()
+        losses = train_step(x_tr[idx], y_tr[idx])
+        running += losses
         since += 1
         step += 1
         bar.update(1)

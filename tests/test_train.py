@@ -209,5 +209,18 @@ def test_bad_arguments():
         train_experts(m, x, y[:, 0], leaf, cfg)
     with pytest.raises(ValueError, match="does not hold"):
         train_experts(m, x, y, leaf, cfg, expert_ids=[9])
+    with pytest.raises(ValueError, match=">= 0"):
+        train_experts(m, x, y, leaf - 1, cfg)
     with pytest.raises(ValueError, match="class ids"):
         train_experts(m, x, y, leaf, TrainConfig(loss="cross_entropy", progress=False, device="cpu"))
+
+
+def test_gpu_levers_are_safe_on_cpu():
+    """bf16 autocast runs on a CPU; CUDA-only levers (graphs, compile) are ignored there."""
+    x, y, leaf = regression_data(n=300, L=3)
+    model = StackedMLP(3, 2, 8, 2, 1, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=16, max_steps=40, eval_every=20, lr=3e-3, bf16=True, cuda_graph=True,
+                      compile=True, progress=False, device="cpu")
+    res = train_experts(model, x, y, leaf, cfg)
+    assert np.all(res.best_val < res.val_loss[0])
+    assert model.weights[0].dtype == torch.float32  # fp32 master weights
