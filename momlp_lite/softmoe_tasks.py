@@ -299,25 +299,26 @@ def evaluate_subsets(
     ks: list[int],
     modes: tuple[str, ...] = ("best", "random"),
     seed: int = 0,
+    random_repeats: int = 1,
 ) -> list[dict[str, float]]:
     """Accuracy and share of unchanged predictions when every Soft MoE layer keeps ``k`` experts.
 
     One row per ``(mode, k)``: ``accuracy`` (%), ``kept`` (% of inputs whose prediction equals the
-    prediction with all experts), plus ``k`` and ``mode``.
+    prediction with all experts), plus ``k`` and ``mode``. Random subsets are averaged over
+    ``random_repeats`` draws (seeds ``seed, seed + 1, ...``).
     """
+    if random_repeats < 1:
+        raise ValueError(f"random_repeats must be >= 1, got {random_repeats}")
     full = predict(model, x)
     rows = []
     for mode in modes:
         for k in ks:
-            gen = torch.Generator().manual_seed(seed)
-            with expert_subset(model, k, mode, gen):
-                pred = predict(model, x)
-            rows.append(
-                dict(
-                    mode=mode,
-                    k=k,
-                    accuracy=100.0 * (pred == y).float().mean().item(),
-                    kept=100.0 * (pred == full).float().mean().item(),
-                )
-            )
+            accs, kept = [], []
+            for r in range(random_repeats if mode == "random" else 1):
+                gen = torch.Generator().manual_seed(seed + r)
+                with expert_subset(model, k, mode, gen):
+                    pred = predict(model, x)
+                accs.append(100.0 * (pred == y).float().mean().item())
+                kept.append(100.0 * (pred == full).float().mean().item())
+            rows.append(dict(mode=mode, k=k, accuracy=float(np.mean(accs)), kept=float(np.mean(kept))))
     return rows
