@@ -6,6 +6,7 @@ before timing). Writes ``results/softmoe_layer.json`` with the device name, torc
 
     python benchmarks/softmoe_layer.py            # batch 256, 20 repeats
     python benchmarks/softmoe_layer.py --quick    # batch 64, 3 repeats (CPU smoke run)
+    python benchmarks/softmoe_layer.py --quick --threads 1   # on a shared CPU: avoids oversubscription
 """
 
 from __future__ import annotations
@@ -75,12 +76,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: momlp_lite.config.get_device())")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "softmoe_layer.json")
     args = parser.parse_args()
     batch = args.batch or (64 if args.quick else 256)
     repeats = args.repeats or (3 if args.quick else 20)
     warmup = 1 if args.quick else 3
     device = get_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tokens, dim = 4, 196
 
     rows = []
