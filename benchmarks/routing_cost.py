@@ -2,13 +2,12 @@
 
     python benchmarks/routing_cost.py [--points 1000000] [--threads 2]
 
-Prints a table and writes results/routing_cost.json (device, torch, date, commit).
+Prints a table and writes results/routing_cost.json (with device, torch version, date and commit).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from momlp_lite import RoutingTree  # noqa: E402
-from momlp_lite.bench import best_time, run_metadata, torch_threads  # noqa: E402
+from momlp_lite.bench import best_time, torch_threads  # noqa: E402
+from momlp_lite.results import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,6 @@ def main() -> None:
     parser.add_argument("--flat-points", type=int, default=100_000, help="points for the (slow) flat search")
     parser.add_argument("--max-depth", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "routing_cost.json")
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(0)
@@ -47,10 +46,10 @@ def main() -> None:
                 f"(scaled from {len(x_flat):,} points)  flat/tree {flat_s / tree_s:7.1f}x",
                 flush=True,
             )
-    result = dict(run_metadata(), points=args.points, flat_points=args.flat_points, threads=args.threads, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path = write_results(
+        "routing_cost", dict(points=args.points, flat_points=args.flat_points, threads=args.threads, rows=rows)
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import platform
-import subprocess
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["best_time", "torch_threads", "run_metadata"]
+__all__ = ["best_time", "torch_threads"]
 
 
 @contextlib.contextmanager
@@ -41,25 +37,3 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
         sync()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def run_metadata(device: torch.device | None = None) -> dict[str, str]:
-    """Device name, torch version, date and git commit, for results files."""
-    dev = device or torch.device("cpu")
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    else:
-        name = f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    try:
-        root = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "device": name,
-        "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-    }

@@ -8,7 +8,6 @@ guide quotes these numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from momlp_lite.bench import run_metadata  # noqa: E402
+from momlp_lite.results import load_results, write_results  # noqa: E402
 from momlp_lite.config import get_device, get_profile  # noqa: E402
 
 
@@ -38,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     profile = get_profile(args.profile)
     os.environ["MOMLP_PROFILE"] = profile.name
-    out = ROOT / "results" / f"chapter_times_{profile.name}.json"
-    result = json.loads(out.read_text()) if out.exists() else {"chapters": {}}
+    name = f"chapter_times_{profile.name}"
+    times = (load_results(name) or {}).get("chapters", {})
     for path in chapters():
         if args.only and path.stem not in args.only:
             continue
@@ -49,12 +48,9 @@ def main() -> None:
             nb, timeout=profile.cell_timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
         ).execute()
         seconds = time.perf_counter() - t0
-        result["chapters"][path.stem] = round(seconds, 1)
+        times[path.stem] = round(seconds, 1)
         print(f"{path.stem:32s} {seconds:8.1f} s", flush=True)
-    result.update(run_metadata(get_device()), profile=profile.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {out}")
+    print("wrote", write_results(name, {"profile": profile.name, "chapters": times}, device=get_device()))
 
 
 if __name__ == "__main__":

@@ -79,14 +79,15 @@ def test_coding_solutions_are_executed_code_cells(path):
     inside, coding = False, 0
     for cell in nb.cells:
         src = cell.source
-        if cell.cell_type == "markdown" and "{solution-start}" in src:
-            assert not inside, f"{path.name}: nested solution-start"
-            inside, code_cells = True, 0
         if inside and cell.cell_type == "code":
             code_cells += 1
+        # A markdown cell may close one solution and open the next: handle the end first.
         if cell.cell_type == "markdown" and "{solution-end}" in src:
             assert inside and code_cells >= 1, f"{path.name}: a gated solution without code"
             inside, coding = False, coding + 1
+        if cell.cell_type == "markdown" and "{solution-start}" in src:
+            assert not inside, f"{path.name}: nested solution-start"
+            inside, code_cells = True, 0
     assert not inside, f"{path.name}: solution-start without solution-end"
     assert coding >= 1, f"{path.name} has no coding exercise with a runnable solution"
 
