@@ -564,7 +564,7 @@ class ExpertStore:
         return self.tree.route(x.to("cpu"))
 
     # ------------------------------------------------------------------ inference
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict(
         self,
         x: torch.Tensor,
@@ -595,7 +595,7 @@ class ExpertStore:
                 del expert, y  # free this expert before the next one is loaded
         return Prediction(outputs, leaves, len(groups), mem.peak_bytes, mem.how, time.perf_counter() - start)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict_all_loaded(self, x: torch.Tensor, device: torch.device | str | None = None) -> Prediction:
         """The reference: load every expert at once, then one routed forward for the whole batch."""
         dev = torch.device(device) if device is not None else get_device()
