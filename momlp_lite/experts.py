@@ -343,6 +343,35 @@ class StackedMLP(nn.Module):
         out[order] = y_sorted
         return out
 
+    def fold_affine_(
+        self,
+        in_shift: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
+        out_shift: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
+    ) -> "StackedMLP":
+        """Fold per-expert input/output standardisation into the first and last layers.
+
+        Before: expert ``l`` computes ``g_l``, trained on standardised data. After:
+        ``f_l(x) = out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]`` on raw
+        inputs, with no extra parameters. Shapes ``[L, n_in]`` and ``[L, n_out]`` (or broadcastable).
+        """
+        with torch.no_grad():
+            w0, b0 = self.weights[0], self.biases[0]
+            if in_scale is not None:
+                w0.div_(in_scale.to(w0).expand(self.num_experts, self.n_in)[:, :, None])
+            if in_shift is not None:
+                shift = in_shift.to(w0).expand(self.num_experts, self.n_in)
+                b0.sub_(torch.einsum("li,lio->lo", shift, w0))
+            wl, bl = self.weights[-1], self.biases[-1]
+            if out_scale is not None:
+                scale = out_scale.to(wl).expand(self.num_experts, self.n_out)
+                wl.mul_(scale[:, None, :])
+                bl.mul_(scale)
+            if out_shift is not None:
+                bl.add_(out_shift.to(bl).expand(self.num_experts, self.n_out))
+        return self
+
     # ------------------------------------------------------------------ moving experts around
     def _stacked_state(self) -> dict[str, torch.Tensor]:
         """state_dict entries with a leading expert dimension (all but ``expert_ids``)."""

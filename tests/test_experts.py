@@ -19,6 +19,15 @@ SHAPES = [
 ]
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is fastest and avoids stalls on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 def make(L=5, n_in=3, width=7, hidden=2, n_out=2, seed=0, **kw) -> StackedMLP:
     return StackedMLP(L, n_in, width, hidden, n_out, generator=torch.Generator().manual_seed(seed), **kw)
 
@@ -196,3 +205,16 @@ def test_broadcast_input_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     torch.testing.assert_close(y.float(), m(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kw", SHAPES)
+def test_fold_affine_matches_standardised_experts(kw):
+    m = make(**kw).eval()
+    perturb_(m)
+    g = torch.Generator().manual_seed(5)
+    shift, scale = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.5
+    oshift, oscale = torch.randn(5, 2, generator=g), torch.rand(5, 2, generator=g) + 0.5
+    x = torch.randn(5, 4, 3, generator=g)
+    want = oscale[:, None] * m((x - shift[:, None]) / scale[:, None]) + oshift[:, None]
+    m.fold_affine_(shift, scale, oshift, oscale)
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
