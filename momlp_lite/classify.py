@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import get_device
+from .experts import StackedMLP
+from .regression import dense_config
+from .routing import RoutingTree
+from .train import TrainConfig, TrainResult, train_experts
 
 __all__ = [
+    "IMAGE_TRAIN_CONFIG",
+    "ClassifierReport",
+    "fit_momlp_classifier",
+    "fit_dense_classifier",
+    "accuracy_vs_experts",
     "LinearProbe",
     "train_linear_probe",
     "accuracy",
@@ -122,3 +132,139 @@ def train_linear_probe(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return LinearProbe(layer.eval(), time.perf_counter() - start, epochs)
+
+
+# ---------------------------------------------------------------------------- MoMLP heads
+IMAGE_TRAIN_CONFIG = TrainConfig(loss="cross_entropy", optimizer="adamw", lr=1e-3)
+"""Kratsios et al.'s image setting: cross-entropy, AdamW with learning rate 1e-3 (other fields: defaults)."""
+
+
+@dataclass
+class ClassifierReport:
+    """A trained classifier head on features and its test results.
+
+    ``params_active`` counts what one input touches: one expert plus the routing keys on its path.
+    """
+
+    name: str
+    num_experts: int
+    width: int
+    accuracy: float
+    seconds: float
+    params_total: int
+    params_active: int
+    model: StackedMLP
+    tree: RoutingTree | None
+    test_leaves: torch.Tensor
+    test_logits: torch.Tensor
+    train: TrainResult
+
+
+def _route(tree: RoutingTree | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(x), dtype=torch.long) if tree is None else tree.route(x.cpu()).cpu()
+
+
+def _fit_head(
+    name: str,
+    model: StackedMLP,
+    tree: RoutingTree | None,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    config: TrainConfig,
+) -> ClassifierReport:
+    res = train_experts(model, x_train, y_train.long(), _route(tree, x_train), config)
+    model.eval()
+    leaves = _route(tree, x_test)
+    dev = model.weights[0].device
+    with torch.no_grad():
+        logits = model.forward_routed(x_test.to(dev), leaves.to(dev)).cpu()
+    path = 0 if tree is None else tree.path_parameter_count
+    keys = 0 if tree is None else tree.parameter_count
+    return ClassifierReport(
+        name=name, num_experts=model.num_experts, width=model.width, accuracy=accuracy(logits, y_test),
+        seconds=res.seconds, params_total=model.num_experts * model.parameters_per_expert + keys,
+        params_active=model.parameters_per_expert + path, model=model, tree=tree, test_leaves=leaves,
+        test_logits=logits, train=res,
+    )
+
+
+def fit_momlp_classifier(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_classes: int,
+    tree: RoutingTree | None,
+    width: int,
+    hidden_layers: int = 4,
+    config: TrainConfig = IMAGE_TRAIN_CONFIG,
+    seed: int = 0,
+) -> ClassifierReport:
+    """Algorithm 2 on features: one expert per leaf of ``tree`` (``None``: one expert), trained on its leaf.
+
+    Experts follow Kratsios et al.'s image setting: ``hidden_layers`` (4) hidden layers with
+    BatchNorm1d before each PReLU, trained with ``config`` (default AdamW 1e-3, cross-entropy).
+    """
+    num = 1 if tree is None else tree.num_leaves
+    dev = get_device(config.device)
+    model = StackedMLP(num, x_train.shape[1], width, hidden_layers, num_classes, batchnorm=True,
+                       generator=torch.Generator().manual_seed(seed)).to(dev)
+    return _fit_head("MoMLP", model, tree, x_train, y_train, x_test, y_test, config)
+
+
+def fit_dense_classifier(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_classes: int,
+    budget: int,
+    hidden_layers: int = 4,
+    config: TrainConfig = IMAGE_TRAIN_CONFIG,
+    seed: int = 0,
+) -> ClassifierReport:
+    """One dense MLP (same layout as an expert) with at most ``budget`` parameters, trained on all rows.
+
+    For the equal-budget baseline pass ``momlp_lite.regression.dense_config(config, L, N)``.
+    """
+    dev = get_device(config.device)
+    model = StackedMLP.dense_with_budget(budget, x_train.shape[1], hidden_layers, num_classes, batchnorm=True,
+                                         generator=torch.Generator().manual_seed(seed)).to(dev)
+    return _fit_head("dense MLP", model, None, x_train, y_train, x_test, y_test, config)
+
+
+def accuracy_vs_experts(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    num_classes: int,
+    tree_shapes: Sequence[tuple[int, int]],
+    width: int,
+    hidden_layers: int = 4,
+    config: TrainConfig = IMAGE_TRAIN_CONFIG,
+    seed: int = 0,
+    dense: bool = True,
+) -> list[dict[str, float | int | str]]:
+    """Train a MoMLP per k-means tree shape ``(depth, branching)`` (``(0, 1)``: a single expert).
+
+    With ``dense`` each MoMLP also gets its equal-parameter dense baseline, trained with the same
+    steps and samples per step (:func:`momlp_lite.regression.dense_config`). Returns one row per
+    model: ``model, experts, accuracy, params_total, params_active, train_seconds``.
+    """
+    rows: list[dict[str, float | int | str]] = []
+    for depth, branching in tree_shapes:
+        tree = None if depth == 0 else RoutingTree.from_data(x_train, depth=depth, branching=branching, seed=seed)
+        mo = fit_momlp_classifier(x_train, y_train, x_test, y_test, num_classes, tree, width, hidden_layers, config, seed)
+        reports = [mo]
+        if dense:
+            cfg = dense_config(config, mo.num_experts, len(x_train))
+            reports.append(fit_dense_classifier(x_train, y_train, x_test, y_test, num_classes,
+                                                mo.params_total, hidden_layers, cfg, seed))
+        for r in reports:
+            rows.append(dict(model=r.name, experts=mo.num_experts, width=r.width, accuracy=r.accuracy,
+                             params_total=r.params_total, params_active=r.params_active,
+                             train_seconds=r.seconds))
+    return rows
