@@ -10,17 +10,31 @@ training set). Both return a :class:`FitReport`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .config import get_device
-from .data import GridData
+from .data import GridData, make_grid_data
 from .experts import StackedMLP
 from .routing import RoutingTree
 from .train import TrainConfig, TrainResult, train_dense, train_experts
 
-__all__ = ["FitReport", "evaluate_routed", "fit_momlp", "fit_dense", "dense_config", "leaf_moments"]
+__all__ = [
+    "FitReport",
+    "evaluate_routed",
+    "fit_momlp",
+    "fit_dense",
+    "dense_config",
+    "leaf_moments",
+    "GridTask",
+    "GridSetup",
+    "grid_setup",
+    "compare_on_task",
+    "comparison_rows",
+    "sweep_experts",
+]
 
 
 @dataclass
@@ -173,3 +187,89 @@ def fit_dense(
         max_error=max_err, seconds=res.seconds, params_total=params, params_active=params, train=res,
         per_leaf_rmse=per_leaf, model=model,
     )
+
+
+# ---------------------------------------------------------------------------- the chapter's experiment
+@dataclass(frozen=True)
+class GridTask:
+    """One regression problem: ``target`` on the ``s**n`` grid over [0, 1]^n, a regular tree of ``depth``."""
+
+    target: str
+    n: int
+    s: int
+    depth: int
+    branching: int = 2
+
+    @property
+    def num_experts(self) -> int:
+        return self.branching ** (self.n * self.depth)
+
+
+@dataclass(frozen=True)
+class GridSetup:
+    """Sizes of the grid-regression experiment under one profile (see :func:`grid_setup`)."""
+
+    tasks: tuple[GridTask, ...]
+    width: int
+    hidden_layers: int
+    train: TrainConfig
+    sweep_task: GridTask
+    sweep_depths: tuple[int, ...]
+    sweep_width: int
+    sweep_train: TrainConfig
+
+
+def grid_setup(profile: str | None = None) -> GridSetup:
+    """The experiment's sizes for ``smoke``, ``default`` or ``paper`` (default: ``$MOMLP_PROFILE``).
+
+    ``paper`` is Kratsios et al.'s setting: width 1000, 3 hidden layers, learnable PReLU, Adam lr 1e-4.
+    The smaller profiles use a larger learning rate (3e-3 / 1e-3) to fit in seconds or minutes.
+    """
+    from .config import choose
+
+    targets_small = ("sine", "weierstrass")
+    targets_all = ("distance", "ridge", "sine", "weierstrass")
+
+    def tasks(targets: tuple[str, ...], grid: dict[int, tuple[int, int]]) -> tuple[GridTask, ...]:
+        return tuple(GridTask(t, n, s, d) for t in targets for n, (s, d) in grid.items())
+
+    smoke_cfg = TrainConfig(lr=3e-3, batch_size=16, max_steps=150, eval_every=25, patience=8)
+    default_cfg = TrainConfig(lr=1e-3, batch_size=32, max_steps=2000, eval_every=50, patience=10)
+    paper_cfg = TrainConfig(lr=1e-4, batch_size=128, max_steps=3000, eval_every=250, patience=8)
+    return choose(
+        smoke=GridSetup(tasks(targets_small, {1: (256, 4), 2: (24, 2), 3: (10, 1)}), 16, 3, smoke_cfg,
+                        GridTask("sine", 2, 48, 3), (0, 1, 2, 3), 8, replace(smoke_cfg, max_steps=200)),
+        default=GridSetup(tasks(targets_all, {1: (1024, 4), 2: (48, 2), 3: (16, 1)}), 64, 3, default_cfg,
+                          GridTask("sine", 2, 96, 4), (0, 1, 2, 3, 4), 16, replace(default_cfg, max_steps=1500)),
+        paper=GridSetup(tasks(targets_all, {1: (8192, 6), 2: (256, 3), 3: (40, 2)}), 1000, 3, paper_cfg,
+                        GridTask("sine", 2, 256, 4), (0, 1, 2, 3, 4), 1000, paper_cfg),
+        profile=profile,
+    )
+
+
+def compare_on_task(task: GridTask, width: int, hidden_layers: int, config: TrainConfig,
+                    seed: int = 0) -> tuple[FitReport, FitReport]:
+    """MoMLP (one expert per leaf) and the equal-parameter dense MLP on one grid task, same data and budget."""
+    data = make_grid_data(task.target, task.n, task.s, seed=seed)
+    tree = RoutingTree.regular(task.n, task.depth, task.branching)
+    moe = fit_momlp(data, tree, width, hidden_layers, config, seed=seed)
+    dense = fit_dense(data, moe.params_total, hidden_layers,
+                      dense_config(config, tree.num_leaves, len(data.x_train)), seed=seed)
+    return moe, dense
+
+
+def comparison_rows(task: GridTask, moe: FitReport, dense: FitReport) -> list[dict[str, float | int | str]]:
+    """Two flat rows (MoMLP, dense) for tables and JSON."""
+    base = dict(target=task.target, n=task.n, s=task.s, points=task.s**task.n)
+    return [{**base, **moe.row()}, {**base, **dense.row()}]
+
+
+def sweep_experts(task: GridTask, depths: Sequence[int], width: int, hidden_layers: int,
+                  config: TrainConfig, seed: int = 0) -> list[tuple[RoutingTree | None, FitReport]]:
+    """Test error of MoMLPs with experts of a fixed size and more and more leaves (depth 0 = one expert)."""
+    data = make_grid_data(task.target, task.n, task.s, seed=seed)
+    out = []
+    for depth in depths:  # a handful of separate models, not a loop over experts
+        tree = None if depth == 0 else RoutingTree.regular(task.n, depth, task.branching)
+        out.append((tree, fit_momlp(data, tree, width, hidden_layers, config, seed=seed)))
+    return out
