@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import get_device
+from .config import choose, get_device
 from .experts import StackedMLP
 from .regression import dense_config
 from .routing import RoutingTree
@@ -28,6 +28,7 @@ __all__ = [
     "fit_momlp_classifier",
     "fit_dense_classifier",
     "accuracy_vs_experts",
+    "image_setup",
     "LinearProbe",
     "train_linear_probe",
     "accuracy",
@@ -268,3 +269,23 @@ def accuracy_vs_experts(
                              params_total=r.params_total, params_active=r.params_active,
                              train_seconds=r.seconds))
     return rows
+
+
+def image_setup(profile: str | None = None) -> dict[str, Any]:
+    """Sizes of the image-classification chapter and benchmark for a profile (default: the current one).
+
+    ``extractor`` is ``(name, kwargs)`` for :func:`momlp_lite.features.get_extractor`; ``tree`` the
+    chapter's main ``(depth, branching)``; ``sweep`` the tree shapes of the accuracy-vs-experts
+    sweep (``(0, 1)`` = one expert).
+    """
+    return choose(
+        smoke=dict(dataset="digits", extractor=("pca", dict(n_components=8)), limits=(None, None),
+                   tree=(2, 2), sweep=[(0, 1), (1, 2), (3, 2)], width=32, steps=250, batch=64, probe_epochs=500),
+        default=dict(dataset="mnist_subset", extractor=("pca", dict(n_components=48)), limits=(None, None),
+                     tree=(2, 2), sweep=[(0, 1), (1, 2), (3, 2), (4, 2)], width=128, steps=1500, batch=64,
+                     probe_epochs=500),
+        paper=dict(dataset="cifar10", extractor=("dinov2", dict(model="dinov2_vits14")), limits=(None, None),
+                   tree=(2, 4), sweep=[(0, 1), (1, 4), (2, 4), (3, 4)], width=1000, steps=5000, batch=256,
+                   probe_epochs=100),
+        profile=profile,
+    )

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .config import get_device
+from .config import choose, get_device
 from .experts import StackedMLP
 from .routing import RoutingTree
 
@@ -60,6 +60,7 @@ __all__ = [
     "Prediction",
     "ExpertStore",
     "memory_vs_experts",
+    "serving_setup",
 ]
 
 CHECKSUM_KEY = "momlp_sha256"
@@ -681,3 +682,23 @@ def memory_vs_experts(
             memory_measure=one.memory_measure,
         ))
     return rows
+
+
+def serving_setup(profile: str | None = None) -> dict[str, Any]:
+    """Sizes of the serving chapter and benchmark for a profile (default: the current one).
+
+    ``dataset``/``extractor``/``tree``/``width``/``steps`` size the trained MoMLP the chapter saves
+    and serves; ``sweep`` (tree shapes), ``sweep_width`` and ``sweep_dim``/``sweep_rows`` size the
+    peak-memory sweep (the benchmark feeds it Gaussian vectors of ``sweep_dim`` coordinates).
+    """
+    return choose(
+        smoke=dict(dataset="digits", extractor=("pca", dict(n_components=8)), tree=(3, 2), width=32, steps=200,
+                   batch=64, sweep=[(1, 4), (2, 4), (3, 4)], sweep_width=64, sweep_dim=8, sweep_rows=360),
+        default=dict(dataset="mnist_subset", extractor=("pca", dict(n_components=48)), tree=(3, 2), width=128,
+                     steps=1000, batch=64, sweep=[(1, 4), (2, 4), (3, 4)], sweep_width=256, sweep_dim=48,
+                     sweep_rows=1000),
+        paper=dict(dataset="cifar10", extractor=("dinov2", dict(model="dinov2_vits14")), tree=(2, 4), width=1000,
+                   steps=5000, batch=256, sweep=[(1, 4), (2, 4), (3, 4), (4, 4)], sweep_width=1000, sweep_dim=384,
+                   sweep_rows=10_000),
+        profile=profile,
+    )
