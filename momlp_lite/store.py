@@ -623,6 +623,8 @@ class ExpertStore:
         outputs = torch.empty(len(x), int(self.config["n_out"]), dtype=torch.float32)
         with _maybe_measure(dev, measure_memory) as mem:
             pairs = zip(present.tolist(), groups)
+            # The loop over experts is the point here: one expert resident at a time, one load per needed expert;
+            # each expert's rows run as one batched forward pass.
             for leaf, rows in tqdm(pairs, total=len(groups), desc="experts", disable=not progress, leave=False):
                 expert = self.load_expert(leaf, dev)
                 y = expert(x[rows].to(dev).unsqueeze(0))[0]
