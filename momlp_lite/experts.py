@@ -24,10 +24,10 @@ modules and files (one file per expert).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .sizes import dense_width_for_parameters, mlp_parameter_count
@@ -38,7 +38,7 @@ PRELU_INIT = 0.25  # nn.PReLU's default slope
 # Upper bound on elements of one padded activation block in forward_routed.
 _ROUTED_BLOCK = 1 << 24
 
-ExpertConfig = dict  # {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
+ExpertConfig = dict[str, Any]  # keys: {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -66,6 +66,9 @@ class StackedMLP(nn.Module):
         Global id of each expert in the stack (distinct, >= 0); default ``0..L-1``.
     generator : torch.Generator, optional
         For the initialisation (``nn.Linear``'s: uniform in ``±1/sqrt(fan_in)``).
+    seed : int, optional
+        Instead of ``generator``: initialise expert ``e`` from ``(seed, e)`` alone, so that a stack of
+        any subset of experts (one per process, say) starts exactly as the full stack would.
     device, dtype
         Where and in what precision the parameters live.
 
@@ -92,6 +95,7 @@ class StackedMLP(nn.Module):
         bn_momentum: float = 0.1,
         expert_ids: Sequence[int] | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -106,19 +110,33 @@ class StackedMLP(nn.Module):
         self.bn_eps = float(bn_eps)
         self.bn_momentum = float(bn_momentum)
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
+        ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
+        if ids.numel() != L:
+            raise ValueError(f"expert_ids must name {L} experts, got {ids.numel()}")
+        if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
+            raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed (per-expert initialisation) or generator, not both")
 
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-            bound = 1.0 / math.sqrt(fan_in)
-            w = torch.empty(L, fan_in, fan_out, **factory)
-            b = torch.empty(L, fan_out, **factory)
-            with torch.no_grad():
-                w.uniform_(-bound, bound, generator=generator)
-                b.uniform_(-bound, bound, generator=generator)
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(b))
+        shapes = list(zip(dims[:-1], dims[1:]))
+        # nn.Linear's initialisation: uniform in +-1/sqrt(fan_in) for weights and biases
+        init_device = generator.device if generator is not None else (torch.device("cpu") if seed is not None else device)
+        ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
+        bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
+        with torch.no_grad():
+            if seed is None:
+                for (fan_in, _), w, b in zip(shapes, ws, bs):
+                    w.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
+                    b.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
+            else:  # initialisation only (not a hot path): expert e's numbers depend on (seed, e) alone
+                for j, e in enumerate(ids.tolist()):
+                    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
+                    for (fan_in, _), w, b in zip(shapes, ws, bs):
+                        w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                        b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+        self.weights = nn.ParameterList(nn.Parameter(w.to(device)) for w in ws)
+        self.biases = nn.ParameterList(nn.Parameter(b.to(device)) for b in bs)
         if self.prelu:
             self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), PRELU_INIT, **factory))
         else:
@@ -134,11 +152,6 @@ class StackedMLP(nn.Module):
             self.register_buffer(
                 "num_batches_tracked", torch.zeros(L, dtype=torch.long, device=device)
             )
-        ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
-        if ids.numel() != L:
-            raise ValueError(f"expert_ids must name {L} experts, got {ids.numel()}")
-        if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
-            raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
         self.register_buffer("expert_ids", ids.to(device))
 
     # ------------------------------------------------------------------ description
@@ -228,7 +241,8 @@ class StackedMLP(nn.Module):
             if self.batchnorm:
                 h = self._batchnorm(h, k, p, k_update)
             if self.prelu:
-                h = torch.where(h >= 0, h, h * p["slope"].to(h.dtype)[:, None, None])
+                # one fused kernel each way: F.prelu with the experts as the channel dimension
+                h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0)
             else:
                 h = torch.relu(h)
         return h
@@ -304,8 +318,9 @@ class StackedMLP(nn.Module):
         """Routed forward: row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id).
 
         Returns ``[N, n_out]`` in the input order. Rows are grouped by leaf (one sort), padded to
-        ``[L', rows, n_in]`` over the ``L'`` experts that received rows, and run with batched
-        matmuls in blocks of at most ``max_block`` activation elements — no loop over experts.
+        ``[L', rows, n_in]`` and run with batched matmuls in blocks of at most ``max_block``
+        activation elements — no loop over experts. ``L'`` is the number of experts that received
+        rows when that is at most half the stack (their weights are gathered), else all experts.
         Training-mode BatchNorm is refused (padding would enter the statistics): call ``.eval()``
         or train with :meth:`forward`.
         """
@@ -326,17 +341,21 @@ class StackedMLP(nn.Module):
         group = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(len(order), device=x.device) - starts[group]
-        use_all = len(present) == self.num_experts
-        layers = self._layer_tensors(None if use_all else present)
+        # few experts hit: gather just their weights; most hit: run all (a weight copy would cost more)
+        compact = 2 * len(present) <= self.num_experts
+        layers = self._layer_tensors(present if compact else None)
+        rows = len(present) if compact else self.num_experts
+        if not compact:
+            group = sorted_local
         max_count = int(counts.max())
         widest = max(self.n_in, self.width, self.n_out)
-        chunk = max(1, min(max_count, max_block // max(1, len(present) * widest)))
+        chunk = max(1, min(max_count, max_block // max(1, rows * widest)))
         x_sorted = x[order]
         y_sorted = out.new_empty(len(order), self.n_out)
         for lo in range(0, max_count, chunk):  # loop over row blocks, not experts
             hi = min(lo + chunk, max_count)
             sel = (pos >= lo) & (pos < hi)
-            padded = x.new_zeros(len(present), hi - lo, self.n_in)
+            padded = x.new_zeros(rows, hi - lo, self.n_in)
             padded[group[sel], pos[sel] - lo] = x_sorted[sel]
             y = self._run(padded, layers, k_update=False)
             y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)

@@ -24,7 +24,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -153,6 +153,16 @@ class TrainResult:
     def samples_per_second(self) -> float:
         """Training samples processed per second (all experts together)."""
         return self.steps_run * self.batch_size * len(self.expert_ids) / max(self.seconds, 1e-12)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON-ready; NaN stays NaN), without the config object."""
+        out: dict[str, Any] = {}
+        for name in ("expert_ids", "skipped_ids", "n_train", "n_val", "eval_steps", "train_loss", "val_loss",
+                     "best_val", "best_step", "stop_step", "steps_run", "batch_size", "seconds", "device"):
+            value = getattr(self, name)
+            out[name] = value.tolist() if isinstance(value, np.ndarray) else value
+        out["samples_per_second"] = self.samples_per_second
+        return out
 
     def history(self, expert_id: int) -> dict[str, np.ndarray]:
         """Evaluation steps with train/validation loss of one expert (global id)."""
@@ -343,7 +353,10 @@ class TrainStep:
 
     def autocast(self) -> Any:
         """bf16 autocast when asked for, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
+        if not self.cfg.bf16:
+            return nullcontext()
+        # CUDA graphs need autocast's weight-cast cache off (casts must be recorded inside the graph)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
 
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -394,6 +407,9 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, n_in: int,
         raise ValueError(f"x must have shape [N, {n_in}], got {tuple(x.shape)}")
     if len(y) != len(x) or len(leaf) != len(x):
         raise ValueError(f"x, y and leaf need the same number of rows, got {len(x)}, {len(y)}, {len(leaf)}")
+    if leaf.ndim != 1 or (leaf.numel() and int(leaf.min()) < 0):
+        raise ValueError(f"leaf must be a 1-D tensor of expert ids >= 0, got shape {tuple(leaf.shape)}"
+                         f"{'' if not leaf.numel() else f' with min {int(leaf.min())}'}")
     if loss == "cross_entropy" and (y.ndim != 1 or y.is_floating_point()):
         raise ValueError(f"cross_entropy needs integer class ids y of shape [N], got {y.dtype} {tuple(y.shape)}")
     if loss == "mse" and y.ndim != 2:

@@ -218,3 +218,15 @@ def test_fold_affine_matches_standardised_experts(kw):
     want = oscale[:, None] * m((x - shift[:, None]) / scale[:, None]) + oshift[:, None]
     m.fold_affine_(shift, scale, oshift, oscale)
     torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_init_does_not_depend_on_the_other_experts():
+    full = StackedMLP(8, 3, 5, 2, 1, seed=3, batchnorm=True)
+    part = StackedMLP(2, 3, 5, 2, 1, seed=3, batchnorm=True, expert_ids=[5, 1])
+    for gid in (5, 1):
+        for k, v in full.expert_state(gid).items():
+            assert torch.equal(part.expert_state(gid)[k], v), k
+    assert not torch.equal(full.weights[0][0], full.weights[0][1])
+    assert not torch.equal(StackedMLP(8, 3, 5, 2, 1, seed=4).weights[0], full.weights[0])
+    with pytest.raises(ValueError, match="not both"):
+        StackedMLP(2, 3, 5, 2, 1, seed=3, generator=torch.Generator())
