@@ -1,0 +1,233 @@
+"""Checked expert files, atomic saves, manifests (and the expert store built on them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from momlp_lite import store
+from momlp_lite.routing import RoutingTree
+from momlp_lite.store import (
+    CHECKSUM_KEY,
+    MANIFEST_NAME,
+    TREE_NAME,
+    StoreError,
+    expert_file_ok,
+    is_temporary_file,
+    load_expert_file,
+    read_manifest,
+    save_expert_file,
+    write_manifest,
+)
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w0": torch.randn(5, 7, generator=g),
+        "b0": torch.randn(7, generator=g).to(torch.float64),
+        "slope": torch.tensor(0.25),
+        "count": torch.arange(4, dtype=torch.int64),
+        "half": torch.randn(3, 2, generator=g).to(torch.bfloat16),
+    }
+
+
+def _data_start(path: Path) -> int:
+    (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+    return 8 + n
+
+
+# ---------------------------------------------------------------------------- round trip
+def test_round_trip_keeps_tensors_and_metadata(tmp_path: Path) -> None:
+    t = _tensors()
+    digest = save_expert_file(tmp_path / "e.safetensors", t, {"leaf": "3", "width": "16"})
+    back, meta = load_expert_file(tmp_path / "e.safetensors")
+    assert meta == {"leaf": "3", "width": "16"}
+    assert set(back) == set(t)
+    for k in t:
+        assert back[k].dtype == t[k].dtype and back[k].shape == t[k].shape
+        assert torch.equal(back[k], t[k])
+    assert len(digest) == 64 and digest == store.tensor_checksum(t, meta)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.int32, torch.uint8]),
+)
+def test_round_trip_any_shape_and_dtype(tmp_path_factory: pytest.TempPathFactory, shape: list[int], dtype: torch.dtype) -> None:
+    path = tmp_path_factory.mktemp("rt") / "x.safetensors"
+    x = (torch.arange(int(torch.tensor(shape).prod()) if shape else 1) % 7).reshape(shape).to(dtype)
+    save_expert_file(path, {"x": x})
+    back, meta = load_expert_file(path)
+    assert meta == {} and back["x"].dtype == dtype and torch.equal(back["x"], x)
+
+
+def test_saving_leaves_no_temporary_files(tmp_path: Path) -> None:
+    save_expert_file(tmp_path / "a.safetensors", _tensors())
+    save_expert_file(tmp_path / "a.safetensors", _tensors(1))  # overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, message",
+    [
+        ({}, None, "tensors is empty"),
+        ({"x": [1.0]}, None, "must be a torch.Tensor"),
+        ({"x": torch.ones(1)}, {"n": 3}, "str to str"),
+        ({"x": torch.ones(1)}, {CHECKSUM_KEY: "x"}, "reserved"),
+    ],
+)
+def test_bad_payloads_are_refused(tmp_path: Path, tensors, metadata, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        save_expert_file(tmp_path / "x.safetensors", tensors, metadata)
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- corrupted files
+def test_missing_file_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        load_expert_file(tmp_path / "nope.safetensors")
+    assert isinstance(StoreError("x"), ValueError)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 40, -1])
+def test_truncated_file_is_a_store_error(tmp_path: Path, keep: int) -> None:
+    path = tmp_path / "e.safetensors"
+    save_expert_file(path, _tensors())
+    data = path.read_bytes()
+    path.write_bytes(data[: keep if keep >= 0 else len(data) - 3])
+    with pytest.raises(StoreError, match="not a readable safetensors"):
+        load_expert_file(path)
+    assert not expert_file_ok(path)
+
+
+def test_flipped_tensor_byte_fails_the_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "e.safetensors"
+    save_expert_file(path, _tensors(), {"leaf": "0"})
+    assert expert_file_ok(path)
+    data = bytearray(path.read_bytes())
+    data[_data_start(path) + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="fails its checksum"):
+        load_expert_file(path)
+
+
+def test_tampered_metadata_fails_the_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "e.safetensors"
+    save_expert_file(path, _tensors(), {"leaf": "3"})
+    data = path.read_bytes()
+    assert data.count(b'"leaf":"3"') == 1
+    path.write_bytes(data.replace(b'"leaf":"3"', b'"leaf":"4"'))  # same length: still valid safetensors
+    with pytest.raises(StoreError, match="fails its checksum"):
+        load_expert_file(path)
+
+
+def test_file_without_checksum_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.ones(2)}, str(path))
+    with pytest.raises(StoreError, match="no 'momlp_sha256' checksum"):
+        load_expert_file(path)
+
+
+def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
+    """A torch.save (pickle) file renamed to .safetensors is refused without being unpickled."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "e.safetensors"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(StoreError):
+        load_expert_file(path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- interrupted saves
+@pytest.mark.parametrize("fail_at", ["fsync", "replace"])
+def test_interrupted_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str) -> None:
+    path = tmp_path / "e.safetensors"
+    old = _tensors(0)
+    save_expert_file(path, old, {"v": "old"})
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(store.os, fail_at, boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_expert_file(path, _tensors(1), {"v": "new"})
+    monkeypatch.undo()
+    back, meta = load_expert_file(path)
+    assert meta == {"v": "old"} and all(torch.equal(back[k], old[k]) for k in old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors"]
+
+
+def test_crash_leftover_temp_file_is_recognisable(tmp_path: Path) -> None:
+    path = tmp_path / "e.safetensors"
+    save_expert_file(path, _tensors())
+    leftover = tmp_path / f".e.safetensors{store._TMP_MARK}abc123"
+    leftover.write_bytes(path.read_bytes()[:50])  # what a killed process leaves behind
+    assert is_temporary_file(leftover) and not is_temporary_file(path)
+    assert expert_file_ok(path) and not expert_file_ok(leftover)
+
+
+# ---------------------------------------------------------------------------- manifest
+def _tree() -> RoutingTree:
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    return RoutingTree.from_data(x, depth=2, branching=3, seed=0)
+
+
+def test_manifest_round_trip_rebuilds_the_tree(tmp_path: Path) -> None:
+    tree = _tree()
+    write_manifest(tmp_path, {"experts": ["a", "b"], "note": "hi"}, tree)
+    doc, back = read_manifest(tmp_path)
+    assert doc["experts"] == ["a", "b"] and doc["note"] == "hi"
+    assert back is not None and back.num_leaves == tree.num_leaves and back.kind == tree.kind
+    x = torch.randn(500, 3)
+    assert torch.equal(back.route(x), tree.route(x))
+    regular = RoutingTree.regular(2, depth=2, branching=4, a=-1.0, b=2.0)
+    write_manifest(tmp_path, {}, regular)
+    _, back = read_manifest(tmp_path)
+    assert back is not None and back.bounds == (-1.0, 2.0) and torch.equal(back.leaf_cells()[0], regular.leaf_cells()[0])
+
+
+def test_manifest_without_tree(tmp_path: Path) -> None:
+    write_manifest(tmp_path, {"a": 1})
+    doc, tree = read_manifest(tmp_path)
+    assert tree is None and doc["a"] == 1 and doc["format"] == "momlp-store"
+
+
+def test_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(StoreError, match="not a momlp-store manifest"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        write_manifest(tmp_path, {"x": float("nan")})
+
+
+def test_manifest_detects_a_swapped_or_corrupted_tree(tmp_path: Path) -> None:
+    write_manifest(tmp_path, {}, _tree())
+    other = tmp_path / "other"
+    write_manifest(other, {}, RoutingTree.from_data(torch.randn(200, 3), depth=2, branching=3, seed=1))
+    (tmp_path / TREE_NAME).write_bytes((other / TREE_NAME).read_bytes())
+    with pytest.raises(StoreError, match="not the one the manifest names"):
+        read_manifest(tmp_path)
+    (tmp_path / TREE_NAME).write_bytes(b"\x00" * 5)
+    with pytest.raises(StoreError, match="not a readable safetensors"):
+        read_manifest(tmp_path)
