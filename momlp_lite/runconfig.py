@@ -293,13 +293,11 @@ def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], prefix: st
 
 
 def _resolve_profile(arg: str | None, in_file: Any) -> str:
+    if in_file is not None and (not isinstance(in_file, str) or in_file not in PROFILES):
+        raise ConfigError(f"profile must be one of {sorted(PROFILES)}, got {in_file!r}")
     if arg is not None:
         return get_profile(arg).name
-    if in_file is not None:
-        if not isinstance(in_file, str) or in_file not in PROFILES:
-            raise ConfigError(f"profile must be one of {sorted(PROFILES)}, got {in_file!r}")
-        return in_file
-    return get_profile().name
+    return in_file if in_file is not None else get_profile().name
 
 
 def _pick(value: Any, key: str, profile: str) -> Any:
