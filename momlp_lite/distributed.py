@@ -31,27 +31,31 @@ missing, partial or corrupted files are (re)trained.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
+import hashlib
 import json
+import math
 import os
-import shlex
-import subprocess
+import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
 from .config import get_device
 from .data import make_grid_data
+from .experts import StackedMLP
 from .routing import RoutingTree
 from .runconfig import ConfigError, RunConfig, load_run_config
 from .store import StoreError, is_temporary_file, load_expert_file, save_expert_file, write_manifest
+from .train import TrainConfig, train_experts
 
 __all__ = [
     "Workers",
@@ -66,12 +70,19 @@ __all__ = [
     "expert_status",
     "train_shard",
     "finalize",
+    "compare_stores",
+    "expert_seed",
+    "init_experts",
+    "train_config",
+    "expert_shape",
+    "load_training_data",
+    "build_tree",
     "run",
     "torchrun_command",
     "main",
 ]
 
-#: Test hook: ``"RANK:K"`` makes that rank exit abruptly (``os._exit``) after saving its K-th expert.
+#: Test hook: ``"RANK:K"`` makes that rank die abruptly (SIGKILL) right after saving its K-th expert.
 CRASH_ENV = "MOMLP_CRASH_AFTER"
 EXPERT_DIR = "experts"
 RUN_TREE = "run_tree.safetensors"
@@ -243,6 +254,14 @@ def load_training_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError(f"data.path: {d.path!r} is not a readable safetensors file: {exc}") from None
     if x.ndim != 2 or len(x) < 1:
         raise ConfigError(f"data.path: x_train must have shape [N, n] with N >= 1, got {tuple(x.shape)}")
+    if cfg.optimiser.loss == "cross_entropy":
+        y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+        if y.is_floating_point() or y.ndim != 1 or len(y) != len(x) or bool((y < 0).any()):
+            raise ConfigError(
+                f"data.path: optimiser.loss 'cross_entropy' needs y_train of non-negative class ids with shape "
+                f"[{len(x)}], got {y.dtype} {tuple(y.shape)}"
+            )
+        return x.to(torch.float32), y.long()
     y = y.reshape(len(y), -1) if y.ndim == 1 else y
     if y.ndim != 2 or len(y) != len(x):
         raise ConfigError(f"data.path: y_train must have shape [{len(x)}, k], got {tuple(y.shape)}")
@@ -360,6 +379,8 @@ def _maybe_crash(workers: Workers, saved: int) -> None:
     if int(rank_text) == workers.rank and saved >= int(k_text) and _env_int("TORCHELASTIC_RESTART_COUNT", 0) == 0:
         sys.stdout.flush()
         sys.stderr.flush()
+        if hasattr(signal, "SIGKILL"):
+            os.kill(os.getpid(), signal.SIGKILL)  # what `kill -9` or the OOM killer does
         os._exit(_CRASH_EXIT_CODE)
 
 
@@ -411,23 +432,108 @@ def train_shard(
     return record
 
 
+def expert_shape(cfg: RunConfig, data: RunData) -> dict[str, Any]:
+    """The shape of every expert (the :class:`~momlp_lite.experts.StackedMLP` config)."""
+    if cfg.optimiser.loss == "cross_entropy":
+        n_out = int(data.y_train.max()) + 1
+    else:
+        n_out = int(data.y_train.shape[1])
+    e = cfg.experts
+    return dict(n_in=int(data.x_train.shape[1]), width=e.width, hidden_layers=e.hidden_layers, n_out=n_out,
+                prelu=e.prelu, batchnorm=e.batchnorm)
+
+
+def expert_seed(seed: int, expert_id: int) -> int:
+    """The initialisation seed of one expert: a hash of ``(seed, expert_id)`` only."""
+    digest = hashlib.sha256(f"momlp-expert-init:{int(seed)}:{int(expert_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_experts(cfg: RunConfig, shape: dict[str, Any], expert_ids: Sequence[int]) -> StackedMLP:
+    """A stack of freshly initialised experts, each from its own generator seeded by :func:`expert_seed`.
+
+    Expert ``i`` starts from the same weights whichever group, process or machine builds it
+    (a stack built from one generator would give expert ``i`` different weights in different
+    groups). This loop runs once per group at initialisation, not in the training loop.
+    """
+    states = [
+        StackedMLP(1, expert_ids=[i], generator=torch.Generator().manual_seed(expert_seed(cfg.seed, i)),
+                   **shape).expert_state(i)
+        for i in expert_ids
+    ]
+    return StackedMLP.from_expert_states(states, shape, expert_ids=list(expert_ids))
+
+
+def train_config(cfg: RunConfig, data: RunData, device: torch.device) -> TrainConfig:
+    """The Algorithm 2 trainer's settings for ``cfg``, with the step budget fixed for the whole run.
+
+    The number of steps and the evaluation interval come from the largest training shard over
+    *all* experts (not only the ones a process trains), so every expert gets the same budget
+    whichever process trains it.
+    """
+    o = cfg.optimiser
+    counts = data.leaf_counts()
+    n_train = counts - torch.floor(counts.double() * o.val_fraction).long()
+    n_max = max(1, int(n_train.max()))
+    per_epoch = math.ceil(n_max / o.batch_size)
+    return TrainConfig(
+        loss=o.loss, optimizer=o.name, lr=o.lr, weight_decay=o.weight_decay, batch_size=o.batch_size,
+        max_steps=max(1, math.ceil(o.epochs * n_max / o.batch_size)), max_epochs=None,
+        val_fraction=o.val_fraction, patience=o.patience, eval_every=per_epoch, seed=cfg.seed,
+        progress=False, device=str(device),
+    )
+
+
 def _train_group(
     cfg: RunConfig, data: RunData, expert_ids: Sequence[int], device: torch.device
 ) -> list[tuple[int, dict[str, torch.Tensor], dict[str, str]]]:
-    """Train ``expert_ids`` together with the Algorithm 2 trainer; ``(id, tensors, metadata)`` each."""
-    raise NotImplementedError("wired to momlp_lite.train once issue 3 lands")
+    """Train ``expert_ids`` together (lockstep) with the Algorithm 2 trainer.
+
+    Returns ``(id, tensors, metadata)`` per expert. An expert whose leaf got no training data
+    keeps its initialisation (its file says so), so the store always holds every expert.
+    """
+    shape = expert_shape(cfg, data)
+    model = init_experts(cfg, shape, expert_ids)
+    counts = data.leaf_counts()
+    with_data = [i for i in expert_ids if int(counts[i]) > 0]
+    info: dict[int, dict[str, str]] = {i: {"trained": "no data"} for i in expert_ids}
+    if with_data:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*validation split.*")
+            res = train_experts(model, data.x_train, data.y_train, data.leaf,
+                                train_config(cfg, data, device), expert_ids=with_data)
+        for j, i in enumerate(res.expert_ids):
+            info[i] = {
+                "trained": "yes",
+                "n_train": str(int(res.n_train[j])),
+                "n_val": str(int(res.n_val[j])),
+                "best_val_loss": json.dumps(None if not np.isfinite(res.best_val[j]) else float(res.best_val[j])),
+                "best_step": str(int(res.best_step[j])),
+                "stop_step": str(int(res.stop_step[j])),
+                "steps_run": str(res.steps_run),
+            }
+    shape_text = json.dumps(shape, sort_keys=True)
+    return [
+        (i, model.expert_state(i), {"expert_id": str(i), "expert_config": shape_text, **info[i]})
+        for i in expert_ids
+    ]
 
 
 # ---------------------------------------------------------------------------- manifest
-def finalize(cfg: RunConfig, data: RunData, out_dir: Path) -> dict[str, Any]:
+def finalize(
+    cfg: RunConfig, data: RunData, out_dir: Path, status: dict[int, str] | None = None
+) -> dict[str, Any]:
     """Check every expert file and write the manifest (with the tree); return the manifest.
+
+    ``status`` is a fresh :func:`expert_status` of all experts (computed when not given).
 
     Raises
     ------
     RuntimeError
         Naming the missing or corrupt experts, if any (re-run the command to train them).
     """
-    status = expert_status(out_dir, range(data.num_experts), cfg.fingerprint())
+    if status is None:
+        status = expert_status(out_dir, range(data.num_experts), cfg.fingerprint())
     bad = {i: s for i, s in status.items() if s != "done"}
     if bad:
         shown = ", ".join(f"{i} ({s})" for i, s in list(bad.items())[:10])
@@ -446,9 +552,43 @@ def finalize(cfg: RunConfig, data: RunData, out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _stray_temporaries(out_dir: Path) -> list[str]:
-    folder = out_dir / EXPERT_DIR
-    return sorted(p.name for p in folder.iterdir() if is_temporary_file(p)) if folder.is_dir() else []
+def _stray_temporaries(out_dir: Path, remove: bool = False) -> list[str]:
+    """Temporary files left by writes that a crash interrupted (removed when ``remove``)."""
+    found = [p for d in (out_dir, out_dir / EXPERT_DIR) if d.is_dir() for p in d.iterdir() if is_temporary_file(p)]
+    if remove:
+        for p in found:
+            p.unlink(missing_ok=True)
+    return sorted(p.name for p in found)
+
+
+def compare_stores(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
+    """Differences between the experts of two run directories (empty list: identical).
+
+    Every expert file is loaded with its checksum checked and compared tensor by tensor with
+    ``torch.equal`` — bit for bit, not within a tolerance. The routing trees are compared the
+    same way, and so are the manifests' expert lists.
+    """
+    pa, pb = Path(a), Path(b)
+    diffs: list[str] = []
+    files_a = sorted(p.name for p in (pa / EXPERT_DIR).glob("expert_*.safetensors"))
+    files_b = sorted(p.name for p in (pb / EXPERT_DIR).glob("expert_*.safetensors"))
+    if files_a != files_b:
+        diffs.append(f"expert files differ: {sorted(set(files_a) ^ set(files_b))[:10]}")
+    for name in sorted(set(files_a) & set(files_b)):
+        ta, ma = load_expert_file(pa / EXPERT_DIR / name)
+        tb, mb = load_expert_file(pb / EXPERT_DIR / name)
+        if set(ta) != set(tb):
+            diffs.append(f"{name}: tensor names differ")
+            continue
+        diffs += [f"{name}: tensor {k!r} differs" for k in sorted(ta) if not torch.equal(ta[k], tb[k])]
+        if ma.get("fingerprint") != mb.get("fingerprint"):
+            diffs.append(f"{name}: trained with different settings")
+    for name in (RUN_TREE,):
+        ta, _ = load_expert_file(pa / name)
+        tb, _ = load_expert_file(pb / name)
+        if set(ta) != set(tb) or any(not torch.equal(ta[k], tb[k]) for k in ta):
+            diffs.append(f"{name}: routing trees differ")
+    return diffs
 
 
 # ---------------------------------------------------------------------------- whole run
@@ -467,8 +607,12 @@ def run(
     out_dir = Path(cfg.run.output_dir)
     try:
         t0 = time.perf_counter()
+        removed: list[str] = []
         if workers.is_main or workers.mode == "shard":
             out_dir.mkdir(parents=True, exist_ok=True)
+        if workers.is_main and workers.mode != "shard":
+            # nobody writes yet: leftovers of a crashed run can go (job-array tasks may be mid-write)
+            removed = _stray_temporaries(out_dir, remove=True)
         _barrier(workers)
         if prepare_only:
             if workers.world_size > 1 and workers.mode != "single":
@@ -496,12 +640,13 @@ def run(
             "corrupt_retrained": sorted(i for r in records for i in r["corrupt"]),
         }
         complete = False
-        if workers.is_main or workers.mode == "shard":
-            complete = all(s == "done" for s in expert_status(out_dir, range(data.num_experts), cfg.fingerprint()).values())
-            if complete and (workers.is_main or workers.mode == "shard"):
-                finalize(cfg, data, out_dir)
+        if workers.is_main or workers.mode == "shard":  # in a job array, the last task to finish commits
+            status = expert_status(out_dir, range(data.num_experts), cfg.fingerprint())
+            complete = all(s == "done" for s in status.values())
+            if complete:
+                finalize(cfg, data, out_dir, status)
         summary["complete"] = complete
-        summary["stray_temporary_files"] = _stray_temporaries(out_dir) if workers.is_main else []
+        summary["removed_temporary_files"] = removed
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         if workers.is_main and workers.mode != "shard":
             from .store import atomic_write_bytes
@@ -584,10 +729,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}))
         return 0
-    summary = run(cfg, shard=shard, device=args.device, progress=not args.no_progress, prepare_only=args.prepare)
-    rank = _env_int("RANK", 0)
-    if rank == 0 or shard is not None:
-        print(json.dumps(summary), flush=True)
+    try:
+        summary = run(cfg, shard=shard, device=args.device, progress=not args.no_progress, prepare_only=args.prepare)
+    except ConfigError as err:  # e.g. a data file without x_train: found before any training
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if _env_int("RANK", 0) != 0:
+        return 0
+    print(json.dumps(summary), flush=True)
     return 0 if summary.get("complete", True) or shard is not None else 1
 
 

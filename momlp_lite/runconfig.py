@@ -106,13 +106,21 @@ class ExpertSection:
 
 @dataclass(frozen=True)
 class OptimiserSection:
-    """How each expert is trained (Algorithm 2: every expert on its own leaf's data)."""
+    """How each expert is trained (Algorithm 2: every expert on its own leaf's data).
+
+    ``epochs`` counts passes over the *largest* expert's training shard, so every expert runs the
+    same number of steps whichever process trains it. ``patience`` (evaluations without
+    improvement on the expert's own validation split) stops an expert early; ``null`` never does.
+    """
 
     name: str = _spec("adam", choices=("adam", "adamw"))
     lr: float = _spec(1e-3, gt=0.0)
-    weight_decay: float = _spec(0.0, ge=0.0)
-    epochs: int = _spec(50, ge=1)
+    weight_decay: float | None = _spec(None, ge=0.0, doc="null: the optimiser's default (Adam 0, AdamW 0.01)")
+    epochs: float = _spec(50.0, gt=0.0)
     batch_size: int = _spec(64, ge=1)
+    val_fraction: float = _spec(0.1, ge=0.0, lt=1.0)
+    patience: int | None = _spec(10, ge=1)
+    loss: str = _spec("mse", choices=("mse", "cross_entropy"))
 
 
 @dataclass(frozen=True)
@@ -401,6 +409,12 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             )
         if not Path(d.path).is_file():
             raise ConfigError(f"data.path: file {d.path!r} does not exist; write x_train/y_train there first")
+    if cfg.experts.batchnorm and cfg.optimiser.batch_size < 2:
+        raise ConfigError(
+            f"optimiser.batch_size must be >= 2 when experts.batchnorm is true, got {cfg.optimiser.batch_size}"
+        )
+    if d.kind == "grid" and cfg.optimiser.loss != "mse":
+        raise ConfigError("optimiser.loss must be 'mse' for grid regression data (data.kind: grid)")
     if cfg.routing.kind == "regular":
         leaves = cfg.routing.branching ** (cfg.routing.depth * (d.n or 1))
     else:
