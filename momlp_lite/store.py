@@ -11,7 +11,7 @@ Low-level layer (shared with distributed training):
   safetensors holds raw tensor bytes and JSON only, so loading a tampered file can fail but can
   never execute code (unlike pickle-based ``torch.load``).
 * :func:`write_manifest` / :func:`read_manifest`: a JSON manifest (written atomically, last, so it
-  is the commit point of a save) plus the routing tree's keys in a checked safetensors file.
+  is the commit point of a save) plus the routing tree's keys in a checked safetensors file named by its hash.
 
 A crash mid-save leaves at most a stray ``*.tmp-*`` file (see :func:`is_temporary_file`) next
 to the untouched previous file.
@@ -23,20 +23,29 @@ import hashlib
 import json
 import os
 import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from tqdm.auto import tqdm
 
+from .config import get_device
+from .experts import StackedMLP
 from .routing import RoutingTree
 
 __all__ = [
     "StoreError",
     "CHECKSUM_KEY",
     "MANIFEST_NAME",
-    "TREE_NAME",
+    "TREE_PREFIX",
     "atomic_write_bytes",
     "is_temporary_file",
     "tensor_checksum",
@@ -45,11 +54,16 @@ __all__ = [
     "expert_file_ok",
     "write_manifest",
     "read_manifest",
+    "TensorMemoryMeter",
+    "MemoryReport",
+    "measure_peak_memory",
+    "Prediction",
+    "ExpertStore",
 ]
 
 CHECKSUM_KEY = "momlp_sha256"
 MANIFEST_NAME = "manifest.json"
-TREE_NAME = "routing_tree.safetensors"
+TREE_PREFIX = "routing_tree"
 STORE_FORMAT = "momlp-store"
 STORE_VERSION = 1
 _TMP_MARK = ".tmp-"
@@ -160,20 +174,8 @@ def save_expert_file(
     return digest
 
 
-def load_expert_file(
-    path: str | os.PathLike[str],
-    device: str | torch.device = "cpu",
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a file written by :func:`save_expert_file`: ``(tensors, metadata)``.
-
-    The checksum is verified (``metadata`` is returned without it). Tensors are placed on ``device``.
-
-    Raises
-    ------
-    StoreError
-        If the file is missing, truncated or not safetensors, has no checksum, or its contents
-        do not match the checksum (corrupted or tampered).
-    """
+def _load_checked(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Load and verify a checked file: ``(tensors on CPU, metadata without checksum, checksum)``."""
     p = Path(path)
     if not p.is_file():
         raise StoreError(f"store file {str(p)!r} does not exist; save it first or check the path")
@@ -198,6 +200,24 @@ def load_expert_file(
             f"{str(p)!r} fails its checksum (stored {stored[:12]}…, contents hash {actual[:12]}…): "
             "the file was corrupted or tampered with; re-save it"
         )
+    return tensors, meta, actual
+
+
+def load_expert_file(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a file written by :func:`save_expert_file`: ``(tensors, metadata)``.
+
+    The checksum is verified (``metadata`` is returned without it). Tensors are placed on ``device``.
+
+    Raises
+    ------
+    StoreError
+        If the file is missing, truncated or not safetensors, has no checksum, or its contents
+        do not match the checksum (corrupted or tampered).
+    """
+    tensors, meta, _ = _load_checked(path)
     dev = torch.device(device)
     if dev.type != "cpu":
         tensors = {k: v.to(dev) for k, v in tensors.items()}
@@ -214,6 +234,16 @@ def expert_file_ok(path: str | os.PathLike[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------- manifest
+def _tree_file_in(manifest_path: Path) -> str | None:
+    """The tree file an existing manifest names (None if there is none or it cannot be read)."""
+    try:
+        doc = json.loads(manifest_path.read_text(encoding="utf-8"))
+        name = doc["routing_tree"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name.startswith(TREE_PREFIX) and "/" not in name else None
+
+
 def write_manifest(
     directory: str | os.PathLike[str],
     manifest: Mapping[str, Any],
@@ -221,20 +251,26 @@ def write_manifest(
 ) -> Path:
     """Write ``manifest.json`` (atomically) into ``directory``, plus the routing tree if given.
 
-    The tree's keys go to :data:`TREE_NAME` (a checked safetensors file) and its other fields and
-    checksum into the manifest under ``"routing_tree"``. The manifest is written last, so it is the
-    commit point: readers never see a manifest that points at a half-written tree.
-    ``manifest`` must be JSON-serialisable; ``format``/``version`` are added.
+    The tree's keys go to ``routing_tree.<hash>.safetensors`` (a checked safetensors file named by
+    a prefix of its checksum) and its other fields and checksum into the manifest under
+    ``"routing_tree"``. The manifest is written last, so it is the commit point: an interrupted
+    call leaves the previous manifest and the tree file it names untouched. The previous tree
+    file is removed once the new manifest is in place. ``manifest`` must be JSON-serialisable;
+    ``format``/``version`` are added.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
+    old_tree = _tree_file_in(folder / MANIFEST_NAME)
     doc: dict[str, Any] = {"format": STORE_FORMAT, "version": STORE_VERSION, **dict(manifest)}
     if tree is not None:
         state = tree.state_dict()
         keys = {f"keys.{i}": k for i, k in enumerate(state["keys"])}
-        digest = save_expert_file(folder / TREE_NAME, keys, {"kind": "routing_tree"})
+        meta = {"kind": "routing_tree"}
+        digest = tensor_checksum(keys, meta)
+        name = f"{TREE_PREFIX}.{digest[:16]}.safetensors"
+        save_expert_file(folder / name, keys, meta)
         doc["routing_tree"] = {
-            "file": TREE_NAME,
+            "file": name,
             "sha256": digest,
             "kind": state["kind"],
             "bounds": state["bounds"],
@@ -245,7 +281,11 @@ def write_manifest(
         text = json.dumps(doc, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"manifest must be JSON-serialisable (finite numbers, str keys): {exc}") from None
-    return atomic_write_bytes(folder / MANIFEST_NAME, text.encode())
+    out = atomic_write_bytes(folder / MANIFEST_NAME, text.encode())
+    new_tree = doc.get("routing_tree", {}).get("file")
+    if old_tree is not None and old_tree != new_tree:
+        (folder / old_tree).unlink(missing_ok=True)
+    return out
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree | None]:
@@ -275,8 +315,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Ro
     if info is None:
         return doc, None
     try:
-        tensors, meta = load_expert_file(folder / info["file"])
-        if tensor_checksum(tensors, meta) != info["sha256"]:
+        tensors, _, digest = _load_checked(folder / info["file"])
+        if digest != info["sha256"]:
             raise StoreError(
                 f"routing tree file in {str(folder)!r} is not the one the manifest names "
                 "(left over from another save?); re-save the store"
@@ -288,3 +328,282 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Ro
         {"kind": info["kind"], "bounds": info["bounds"], "axis_branching": info["axis_branching"], "keys": keys}
     )
     return doc, tree
+
+
+# ---------------------------------------------------------------------------- peak memory
+class TensorMemoryMeter(TorchDispatchMode):
+    """Count the bytes of live torch tensor storages created while the meter is active.
+
+    Every aten op's outputs are seen by this dispatch mode; their storages are tracked (each once)
+    until they are freed (a weak reference to the storage expires). ``peak_bytes`` is the largest
+    total seen right after an op, when its inputs and outputs are both alive. Tensors created
+    outside the meter are not counted unless passed to :meth:`track`. This is a count of tensor
+    memory, not of the process: the Python interpreter, torch's own libraries and allocator slack
+    are left out, which is what makes it comparable between runs on a CPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+
+    def _purge(self) -> None:
+        dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
+        for k in dead:
+            self.current_bytes -= self._live.pop(k)[1]
+
+    def track(self, tensor: Any) -> None:
+        """Count ``tensor``'s storage (once) while it lives."""
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or wrapper tensors
+            return
+        nbytes, ptr = storage.nbytes(), storage.data_ptr()
+        if nbytes == 0:
+            return
+        if ptr in self._live:
+            ref, _ = self._live[ptr]
+            if not ref.expired():
+                return  # a view of, or the same, live storage
+        # A new allocation: first forget storages freed since the last one (memory only grows at
+        # allocations, so purging here keeps the peak exact and views cost nothing).
+        self._purge()
+        self._live[ptr] = (StorageWeakRef(storage), nbytes)
+        self.current_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch API
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+
+@dataclass
+class MemoryReport:
+    """Peak memory of a block of work: ``peak_bytes`` and what was measured (``how``)."""
+
+    peak_bytes: int = 0
+    how: str = ""
+
+
+@contextmanager
+def measure_peak_memory(device: torch.device | str) -> Iterator[MemoryReport]:
+    """Measure the peak memory of the block on ``device``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated when the block began (the
+    allocator's own count of device memory). Elsewhere: the peak bytes of live torch tensors
+    created in the block (:class:`TensorMemoryMeter`).
+    """
+    dev = torch.device(device)
+    report = MemoryReport()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        report.how = "CUDA max_memory_allocated above the starting allocation"
+        try:
+            yield report
+        finally:
+            torch.cuda.synchronize(dev)
+            report.peak_bytes = int(torch.cuda.max_memory_allocated(dev) - start)
+    else:
+        report.how = f"peak bytes of live torch tensors created in the block ({dev.type})"
+        meter = TensorMemoryMeter()
+        try:
+            with meter:
+                yield report
+        finally:
+            report.peak_bytes = int(meter.peak_bytes)
+
+
+# ---------------------------------------------------------------------------- the expert store
+@dataclass
+class Prediction:
+    """What :meth:`ExpertStore.predict` returns.
+
+    ``outputs`` ``[N, n_out]`` (CPU, input order), ``leaves`` ``[N]``, how many experts were
+    loaded, the peak memory (and how it was measured) and the wall time.
+    """
+
+    outputs: torch.Tensor
+    leaves: torch.Tensor
+    experts_loaded: int
+    peak_bytes: int
+    memory_measure: str
+    seconds: float
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Predicted classes: ``outputs.argmax(1)``."""
+        return self.outputs.argmax(1)
+
+
+class ExpertStore:
+    """A folder holding a MoMLP: one checked safetensors file per expert, the routing tree, a manifest.
+
+    Layout: ``manifest.json`` (the commit point), ``routing_tree.<hash>.safetensors`` and
+    ``expert_<id>.<hash>.safetensors``. File names carry a prefix of their content hash, so a new
+    save never overwrites a file the current manifest uses: an interrupted save leaves the previous
+    store intact, and files no manifest names are removed after the new manifest is in place.
+
+    Open an existing store with ``ExpertStore(directory)``; write one with :meth:`save`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.manifest, self.tree = read_manifest(self.directory)
+        try:
+            self.config: dict[str, Any] = dict(self.manifest["config"])
+            self.expert_entries: dict[int, dict[str, str]] = {int(k): v for k, v in self.manifest["experts"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"manifest in {str(self.directory)!r} is not an expert store manifest: {exc}") from None
+        if self.tree is None and self.num_experts != 1:
+            raise StoreError(f"store in {str(self.directory)!r} has {self.num_experts} experts but no routing tree")
+
+    # ------------------------------------------------------------------ writing
+    @classmethod
+    def save(
+        cls,
+        directory: str | os.PathLike[str],
+        experts: StackedMLP,
+        tree: RoutingTree | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> "ExpertStore":
+        """Save every expert of ``experts`` to its own file, then the tree and the manifest.
+
+        ``tree`` routes inputs to expert ids (its leaves); it may be omitted for a single expert
+        (a dense model: every input goes to expert 0). ``info`` (JSON) is kept in the manifest.
+        """
+        ids = [int(i) for i in experts.expert_ids.tolist()]
+        if tree is None and ids != [0]:
+            raise ValueError(f"a store without a routing tree holds exactly expert 0, got ids {ids[:10]}")
+        if tree is not None and max(ids) >= tree.num_leaves:
+            raise ValueError(f"expert id {max(ids)} has no leaf in a tree with {tree.num_leaves} leaves")
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = {}
+        for i in ids:  # one file per expert: a loop over file writes, not a compute hot path
+            state = experts.expert_state(i)
+            meta = {"expert_id": str(i), "config": json.dumps(experts.config, sort_keys=True)}
+            digest = tensor_checksum(state, meta)
+            name = f"expert_{i:05d}.{digest[:16]}.safetensors"
+            if not (folder / name).is_file() or not expert_file_ok(folder / name):
+                save_expert_file(folder / name, state, meta)
+            entries[str(i)] = {"file": name, "sha256": digest}
+        manifest = {
+            "kind": "momlp-experts",
+            "config": experts.config,
+            "num_experts": len(ids),
+            "parameters_per_expert": experts.parameters_per_expert,
+            "experts": entries,
+            "info": dict(info or {}),
+        }
+        write_manifest(folder, manifest, tree)
+        keep = {e["file"] for e in entries.values()}
+        for p in folder.glob("expert_*.safetensors"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+        for p in folder.iterdir():
+            if is_temporary_file(p):
+                p.unlink(missing_ok=True)
+        return cls(folder)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_entries)
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return sorted(self.expert_entries)
+
+    @property
+    def parameters_per_expert(self) -> int:
+        return int(self.manifest["parameters_per_expert"])
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return dict(self.manifest.get("info", {}))
+
+    def expert_path(self, expert_id: int) -> Path:
+        try:
+            return self.directory / self.expert_entries[int(expert_id)]["file"]
+        except KeyError:
+            raise ValueError(f"expert {expert_id} is not in this store (it holds ids {self.expert_ids[:10]}...)") from None
+
+    def expert_bytes(self, expert_id: int) -> int:
+        """Size of one expert's file on disk."""
+        return self.expert_path(expert_id).stat().st_size
+
+    def _read_state(self, expert_id: int) -> dict[str, torch.Tensor]:
+        path = self.expert_path(expert_id)
+        tensors, _, digest = _load_checked(path)
+        if digest != self.expert_entries[int(expert_id)]["sha256"]:
+            raise StoreError(f"{str(path)!r} is not the expert {expert_id} the manifest names; re-save the store")
+        return tensors
+
+    def load_expert(self, expert_id: int, device: torch.device | str = "cpu") -> StackedMLP:
+        """Expert ``expert_id`` alone, as a one-expert :class:`StackedMLP` in eval mode on ``device``."""
+        state = self._read_state(expert_id)
+        return StackedMLP.from_expert_states([state], self.config, expert_ids=[int(expert_id)], device=device).eval()
+
+    def load_all(self, device: torch.device | str = "cpu") -> StackedMLP:
+        """Every expert at once, stacked (the all-experts-loaded reference)."""
+        ids = self.expert_ids
+        states = [self._read_state(i) for i in ids]
+        return StackedMLP.from_expert_states(states, self.config, expert_ids=ids, device=device).eval()
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert id of every row of ``x`` (all zeros for a store without a tree)."""
+        if self.tree is None:
+            return torch.zeros(len(x), dtype=torch.long)
+        return self.tree.route(x.to("cpu"))
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def predict(
+        self,
+        x: torch.Tensor,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> Prediction:
+        """Predict by loading **one expert at a time**.
+
+        Routes the batch, groups its rows by leaf, and for each leaf that received rows: loads that
+        expert's file onto ``device``, runs its rows (one batched forward), keeps the outputs and
+        frees the expert before the next is loaded. Peak memory is measured with
+        :func:`measure_peak_memory` (inputs already in memory are not counted).
+        """
+        dev = torch.device(device) if device is not None else get_device()
+        x = x.to("cpu")
+        start = time.perf_counter()
+        leaves = self.route(x)
+        order = torch.argsort(leaves, stable=True)
+        present, counts = torch.unique_consecutive(leaves[order], return_counts=True)
+        groups = torch.split(order, counts.tolist())
+        outputs = torch.empty(len(x), int(self.config["n_out"]), dtype=torch.float32)
+        with measure_peak_memory(dev) as mem:
+            pairs = zip(present.tolist(), groups)
+            for leaf, rows in tqdm(pairs, total=len(groups), desc="experts", disable=not progress, leave=False):
+                expert = self.load_expert(leaf, dev)
+                y = expert(x[rows].to(dev).unsqueeze(0))[0]
+                outputs[rows] = y.to("cpu", torch.float32)
+                del expert, y  # free this expert before the next one is loaded
+        return Prediction(outputs, leaves, len(groups), mem.peak_bytes, mem.how, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def predict_all_loaded(self, x: torch.Tensor, device: torch.device | str | None = None) -> Prediction:
+        """The reference: load every expert at once, then one routed forward for the whole batch."""
+        dev = torch.device(device) if device is not None else get_device()
+        x = x.to("cpu")
+        start = time.perf_counter()
+        leaves = self.route(x)
+        with measure_peak_memory(dev) as mem:
+            model = self.load_all(dev)
+            y = model.forward_routed(x.to(dev), leaves.to(dev)).to("cpu", torch.float32)
+            del model
+        return Prediction(y, leaves, self.num_experts, mem.peak_bytes, mem.how, time.perf_counter() - start)

@@ -17,7 +17,6 @@ from momlp_lite.routing import RoutingTree
 from momlp_lite.store import (
     CHECKSUM_KEY,
     MANIFEST_NAME,
-    TREE_NAME,
     StoreError,
     expert_file_ok,
     is_temporary_file,
@@ -188,6 +187,10 @@ def _tree() -> RoutingTree:
     return RoutingTree.from_data(x, depth=2, branching=3, seed=0)
 
 
+def _tree_file(folder: Path) -> Path:
+    return folder / json.loads((folder / MANIFEST_NAME).read_text())["routing_tree"]["file"]
+
+
 def test_manifest_round_trip_rebuilds_the_tree(tmp_path: Path) -> None:
     tree = _tree()
     write_manifest(tmp_path, {"experts": ["a", "b"], "note": "hi"}, tree)
@@ -197,7 +200,9 @@ def test_manifest_round_trip_rebuilds_the_tree(tmp_path: Path) -> None:
     x = torch.randn(500, 3)
     assert torch.equal(back.route(x), tree.route(x))
     regular = RoutingTree.regular(2, depth=2, branching=4, a=-1.0, b=2.0)
+    first = _tree_file(tmp_path)
     write_manifest(tmp_path, {}, regular)
+    assert not first.exists()  # the replaced tree file is cleaned up
     _, back = read_manifest(tmp_path)
     assert back is not None and back.bounds == (-1.0, 2.0) and torch.equal(back.leaf_cells()[0], regular.leaf_cells()[0])
 
@@ -225,9 +230,161 @@ def test_manifest_detects_a_swapped_or_corrupted_tree(tmp_path: Path) -> None:
     write_manifest(tmp_path, {}, _tree())
     other = tmp_path / "other"
     write_manifest(other, {}, RoutingTree.from_data(torch.randn(200, 3), depth=2, branching=3, seed=1))
-    (tmp_path / TREE_NAME).write_bytes((other / TREE_NAME).read_bytes())
+    mine, theirs = _tree_file(tmp_path), _tree_file(other)
+    assert mine.name != theirs.name  # named by content
+    mine.write_bytes(theirs.read_bytes())
     with pytest.raises(StoreError, match="not the one the manifest names"):
         read_manifest(tmp_path)
-    (tmp_path / TREE_NAME).write_bytes(b"\x00" * 5)
+    mine.write_bytes(b"\x00" * 5)
     with pytest.raises(StoreError, match="not a readable safetensors"):
         read_manifest(tmp_path)
+
+
+def test_interrupted_manifest_write_keeps_the_previous_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = _tree()
+    write_manifest(tmp_path, {"v": 1}, old)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == MANIFEST_NAME:
+            raise KeyboardInterrupt("killed before the manifest")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(tmp_path, {"v": 2}, RoutingTree.regular(3, depth=1, branching=8))
+    monkeypatch.undo()
+    doc, tree = read_manifest(tmp_path)
+    x = torch.randn(100, 3)
+    assert doc["v"] == 1 and tree is not None and torch.equal(tree.route(x), old.route(x))
+
+
+# ---------------------------------------------------------------------------- the expert store
+from momlp_lite.experts import StackedMLP  # noqa: E402
+from momlp_lite.store import ExpertStore, TensorMemoryMeter, measure_peak_memory  # noqa: E402
+
+
+def _model(num_experts: int = 8, width: int = 16, seed: int = 0, n_in: int = 3) -> StackedMLP:
+    g = torch.Generator().manual_seed(seed)
+    m = StackedMLP(num_experts, n_in, width, 4, 5, batchnorm=True, generator=g)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for k in range(m.hidden_layers):
+            getattr(m, f"running_mean_{k}").normal_(0, 0.1, generator=g)
+            getattr(m, f"running_var_{k}").uniform_(0.5, 2.0, generator=g)
+    return m.eval()
+
+
+def _store(tmp_path: Path, seed: int = 0) -> tuple[ExpertStore, StackedMLP, RoutingTree]:
+    tree = RoutingTree.from_data(torch.randn(400, 3, generator=torch.Generator().manual_seed(1)), depth=3, branching=2, seed=0)
+    model = _model(tree.num_leaves, seed=seed)
+    return ExpertStore.save(tmp_path / "store", model, tree, info={"note": "test"}), model, tree
+
+
+def test_one_expert_at_a_time_equals_all_loaded(tmp_path: Path) -> None:
+    st, model, tree = _store(tmp_path)
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(2))
+    one = st.predict(x, device="cpu")
+    ref = st.predict_all_loaded(x, device="cpu")
+    direct = model.forward_routed(x, tree.route(x))
+    assert torch.equal(one.leaves, tree.route(x))
+    assert torch.equal(one.labels, ref.labels) and torch.equal(one.labels, direct.argmax(1))
+    assert torch.allclose(one.outputs, direct, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ref.outputs, direct, atol=1e-5, rtol=1e-5)
+    assert one.experts_loaded == len(torch.unique(one.leaves)) <= 8 and ref.experts_loaded == 8
+    assert st.info == {"note": "test"} and st.num_experts == 8
+    assert st.parameters_per_expert == model.parameters_per_expert
+
+
+def test_peak_memory_of_one_at_a_time_is_about_one_expert(tmp_path: Path) -> None:
+    tree = RoutingTree.from_data(torch.randn(2000, 3, generator=torch.Generator().manual_seed(1)), depth=4, branching=2, seed=0)
+    model = _model(tree.num_leaves, width=64)
+    st = ExpertStore.save(tmp_path / "s", model, tree)
+    x = torch.randn(500, 3, generator=torch.Generator().manual_seed(3))
+    one, all_ = st.predict(x, device="cpu"), st.predict_all_loaded(x, device="cpu")
+    expert_bytes = sum(v.numel() * v.element_size() for v in model.expert_state(0).values())
+    assert one.experts_loaded == 16
+    assert expert_bytes <= one.peak_bytes < 6 * expert_bytes
+    assert all_.peak_bytes >= 16 * expert_bytes
+    assert one.peak_bytes * 4 < all_.peak_bytes
+    assert "live torch tensors" in one.memory_measure
+
+
+def test_tensor_memory_meter_counts_live_tensors() -> None:
+    with TensorMemoryMeter() as m:
+        a = torch.zeros(1000)  # 4000 bytes
+        b = a.view(10, 100)  # a view: same storage, not counted again
+        c = torch.ones(500, dtype=torch.float64)  # 4000 bytes
+        assert m.current_bytes == 8000
+        del a, b, c
+        d = torch.zeros(10)
+        assert m.current_bytes == 40
+    assert m.peak_bytes == 8000
+    with measure_peak_memory("cpu") as rep:
+        torch.empty(256, dtype=torch.uint8)
+    assert rep.peak_bytes == 256 and "cpu" in rep.how
+    del d
+
+
+def test_dense_store_without_tree(tmp_path: Path) -> None:
+    dense = _model(1, width=32)
+    st = ExpertStore.save(tmp_path / "dense", dense)
+    x = torch.randn(50, 3)
+    p = st.predict(x, device="cpu")
+    assert p.experts_loaded == 1 and torch.allclose(p.outputs, dense(x.unsqueeze(0))[0], atol=1e-6)
+    with pytest.raises(ValueError, match="without a routing tree"):
+        ExpertStore.save(tmp_path / "bad", _model(2))
+
+
+def test_corrupted_or_swapped_expert_files_are_refused(tmp_path: Path) -> None:
+    st, _, _ = _store(tmp_path)
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(2))
+    p0, p1 = st.expert_path(0), st.expert_path(1)
+    good = p0.read_bytes()
+    p0.write_bytes(p1.read_bytes())  # a valid file, but of the wrong expert
+    with pytest.raises(StoreError, match="not the expert 0"):
+        st.predict(x, device="cpu")
+    p0.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(StoreError, match="not a readable safetensors"):
+        ExpertStore(st.directory).predict(x, device="cpu")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"weights.0": Evil()}, p0)  # a pickle in place of an expert
+    with pytest.raises(StoreError):
+        st.load_expert(0)
+    assert not marker.exists()
+    (st.directory / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(StoreError):
+        ExpertStore(st.directory)
+
+
+@pytest.mark.parametrize("fail_after", [0, 3, 8])
+def test_interrupted_store_save_leaves_the_previous_store_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_after: int
+) -> None:
+    """Kill the second save after ``fail_after`` file writes (8 = all experts, before tree/manifest)."""
+    st, old_model, tree = _store(tmp_path, seed=0)
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(2))
+    before = st.predict(x, device="cpu").outputs
+    real = store.atomic_write_bytes
+    writes = []
+
+    def flaky(path, data):
+        if len(writes) >= fail_after:
+            raise KeyboardInterrupt("power cut")
+        writes.append(path)
+        return real(path, data)
+
+    monkeypatch.setattr(store, "atomic_write_bytes", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ExpertStore.save(st.directory, _model(8, seed=5), tree)
+    monkeypatch.undo()
+    after = ExpertStore(st.directory).predict(x, device="cpu").outputs
+    assert torch.equal(before, after)
+    # a completed save replaces the store and removes the old files
+    new = ExpertStore.save(st.directory, _model(8, seed=5), tree)
+    files = sorted(p.name for p in st.directory.iterdir())
+    assert len(files) == 8 + 2 and not torch.equal(new.predict(x, device="cpu").outputs, before)
