@@ -54,7 +54,15 @@ from .data import make_grid_data
 from .experts import StackedMLP
 from .routing import RoutingTree
 from .runconfig import ConfigError, RunConfig, load_run_config
-from .store import StoreError, is_temporary_file, load_expert_file, save_expert_file, write_manifest
+from .store import (
+    StoreError,
+    atomic_write_bytes,
+    is_temporary_file,
+    load_expert_file,
+    save_expert_file,
+    tensor_checksum,
+    write_manifest,
+)
 from .train import TrainConfig, train_experts
 
 __all__ = [
@@ -302,14 +310,19 @@ def _load_run_tree(path: Path, fingerprint: str) -> RoutingTree | None:
     )
 
 
-def prepare(cfg: RunConfig, out_dir: Path, workers: Workers) -> RunData:
-    """Load the data and get the routing tree, built once for the whole run.
+def prepare(
+    cfg: RunConfig,
+    out_dir: Path,
+    workers: Workers,
+    train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> RunData:
+    """Load the data (unless ``train_data`` is given) and get the routing tree, built once for the whole run.
 
     ``single``/``torchrun``: rank 0 reuses the tree of an earlier run with the same fingerprint
     or builds and saves it; it is broadcast to the other ranks. ``shard`` mode (no group) needs
     the tree from ``--prepare`` (or an earlier run), so all tasks of a job array share one tree.
     """
-    x, y = load_training_data(cfg)
+    x, y = train_data if train_data is not None else load_training_data(cfg)
     fp = cfg.fingerprint()
     tree_path = out_dir / RUN_TREE
     tree: RoutingTree | None = None
@@ -340,25 +353,18 @@ def expert_path(out_dir: str | os.PathLike[str], expert_id: int) -> Path:
     return Path(out_dir) / EXPERT_DIR / f"expert_{expert_id:05d}.safetensors"
 
 
-def expert_status(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, str]:
-    """``"done"``, ``"missing"`` or ``"corrupt"`` for each expert id.
-
-    Raises
-    ------
-    RuntimeError
-        If a valid expert file was trained with other settings (another fingerprint): mixing
-        experts of two configs would be silent nonsense, so the run stops and names the fix.
-    """
-    status: dict[int, str] = {}
+def _scan(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, tuple[str, str | None]]:
+    """``(status, sha256)`` of each expert's file: status ``"done"``, ``"missing"`` or ``"corrupt"``."""
+    found: dict[int, tuple[str, str | None]] = {}
     for i in ids:
         path = expert_path(out_dir, i)
         if not path.exists():
-            status[i] = "missing"
+            found[i] = ("missing", None)
             continue
         try:
-            _, meta = load_expert_file(path)
+            tensors, meta = load_expert_file(path)
         except StoreError:
-            status[i] = "corrupt"
+            found[i] = ("corrupt", None)
             continue
         if meta.get("fingerprint") != fingerprint:
             raise RuntimeError(
@@ -366,8 +372,22 @@ def expert_status(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[i
                 f"{meta.get('fingerprint', '?')[:12]}…, this config {fingerprint[:12]}…); "
                 "use a fresh run.output_dir or delete the old experts"
             )
-        status[i] = "done"
-    return status
+        found[i] = ("done", tensor_checksum(tensors, meta))
+    return found
+
+
+def expert_status(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, str]:
+    """``"done"``, ``"missing"`` or ``"corrupt"`` for each expert id.
+
+    ``"done"`` means the file loads, passes its SHA-256 check and was trained with this config.
+
+    Raises
+    ------
+    RuntimeError
+        If a valid expert file was trained with other settings (another fingerprint): mixing
+        experts of two configs would be silent nonsense, so the run stops and names the fix.
+    """
+    return {i: st for i, (st, _) in _scan(out_dir, ids, fingerprint).items()}
 
 
 def _maybe_crash(workers: Workers, saved: int) -> None:
@@ -512,41 +532,55 @@ def _train_group(
                 "stop_step": str(int(res.stop_step[j])),
                 "steps_run": str(res.steps_run),
             }
-    shape_text = json.dumps(shape, sort_keys=True)
+    shape_text = json.dumps(model.config, sort_keys=True)
     return [
-        (i, model.expert_state(i), {"expert_id": str(i), "expert_config": shape_text, **info[i]})
+        (i, model.expert_state(i), {"expert_id": str(i), "config": shape_text, **info[i]})
         for i in expert_ids
     ]
 
 
 # ---------------------------------------------------------------------------- manifest
 def finalize(
-    cfg: RunConfig, data: RunData, out_dir: Path, status: dict[int, str] | None = None
+    cfg: RunConfig,
+    data: RunData,
+    out_dir: Path,
+    scan: dict[int, tuple[str, str | None]] | None = None,
 ) -> dict[str, Any]:
     """Check every expert file and write the manifest (with the tree); return the manifest.
 
-    ``status`` is a fresh :func:`expert_status` of all experts (computed when not given).
+    The manifest has the layout of :class:`momlp_lite.store.ExpertStore`, so the finished run
+    directory opens with ``ExpertStore(out_dir)`` for one-expert-at-a-time inference. ``scan`` is
+    a fresh :func:`_scan` of all experts (computed when not given).
 
     Raises
     ------
     RuntimeError
         Naming the missing or corrupt experts, if any (re-run the command to train them).
     """
-    if status is None:
-        status = expert_status(out_dir, range(data.num_experts), cfg.fingerprint())
-    bad = {i: s for i, s in status.items() if s != "done"}
+    if scan is None:
+        scan = _scan(out_dir, range(data.num_experts), cfg.fingerprint())
+    bad = {i: st for i, (st, _) in scan.items() if st != "done"}
     if bad:
-        shown = ", ".join(f"{i} ({s})" for i, s in list(bad.items())[:10])
+        shown = ", ".join(f"{i} ({st})" for i, st in list(bad.items())[:10])
         raise RuntimeError(
             f"{len(bad)} of {data.num_experts} experts are not done: {shown}; re-run the same command to train them"
         )
-    counts = data.leaf_counts().tolist()
+    shape = StackedMLP(1, **expert_shape(cfg, data), device="meta")  # no memory: just the config
     manifest = {
-        "fingerprint": cfg.fingerprint(),
-        "config": cfg.to_dict(),
+        "kind": "momlp-experts",
+        "config": shape.config,
         "num_experts": data.num_experts,
-        "expert_files": [str(expert_path(".", i)) for i in range(data.num_experts)],
-        "train_points_per_expert": counts,
+        "parameters_per_expert": shape.parameters_per_expert,
+        "experts": {
+            str(i): {"file": expert_path(out_dir, i).relative_to(out_dir).as_posix(), "sha256": digest}
+            for i, (_, digest) in sorted(scan.items())
+        },
+        "info": {
+            "trained_by": "momlp_lite.distributed",
+            "fingerprint": cfg.fingerprint(),
+            "run_config": cfg.to_dict(),
+            "train_points_per_expert": data.leaf_counts().tolist(),
+        },
     }
     write_manifest(out_dir, manifest, data.tree)
     return manifest
@@ -603,6 +637,9 @@ def run(
 
     Call it in every process (``torchrun`` starts them); the summary is complete on rank 0.
     """
+    if prepare_only and (shard is not None or _env_int("WORLD_SIZE", 1) > 1):
+        raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
+    train_data = load_training_data(cfg)  # a bad data file stops the run here, before anything is written
     workers = start_workers(shard, device)
     out_dir = Path(cfg.run.output_dir)
     try:
@@ -615,11 +652,9 @@ def run(
             removed = _stray_temporaries(out_dir, remove=True)
         _barrier(workers)
         if prepare_only:
-            if workers.world_size > 1 and workers.mode != "single":
-                raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
-            data = prepare(cfg, out_dir, workers)
+            data = prepare(cfg, out_dir, workers, train_data)
             return {"prepared": True, "output_dir": str(out_dir), "num_experts": data.num_experts}
-        data = prepare(cfg, out_dir, workers)
+        data = prepare(cfg, out_dir, workers, train_data)
         record = train_shard(cfg, data, out_dir, workers, progress)
         _barrier(workers)
         records = [record]
@@ -641,17 +676,16 @@ def run(
         }
         complete = False
         if workers.is_main or workers.mode == "shard":  # in a job array, the last task to finish commits
-            status = expert_status(out_dir, range(data.num_experts), cfg.fingerprint())
-            complete = all(s == "done" for s in status.values())
+            scan = _scan(out_dir, range(data.num_experts), cfg.fingerprint())
+            complete = all(st == "done" for st, _ in scan.values())
             if complete:
-                finalize(cfg, data, out_dir, status)
+                finalize(cfg, data, out_dir, scan)
         summary["complete"] = complete
         summary["removed_temporary_files"] = removed
         summary["seconds"] = round(time.perf_counter() - t0, 3)
-        if workers.is_main and workers.mode != "shard":
-            from .store import atomic_write_bytes
-
-            atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2).encode())
+        if workers.is_main or workers.mode == "shard":
+            name = SUMMARY_NAME if workers.mode != "shard" else f"summary.shard-{workers.rank}-of-{workers.world_size}.json"
+            atomic_write_bytes(out_dir / name, json.dumps(summary, indent=2).encode())
         return summary
     finally:
         stop_workers(workers)
