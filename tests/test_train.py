@@ -1,0 +1,224 @@
+"""Algorithm 2: the lockstep trainer must train each expert exactly as the serial reference does."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from momlp_lite.experts import StackedMLP
+from momlp_lite.train import (
+    LockstepSampler,
+    TrainConfig,
+    per_expert_loss,
+    split_by_leaf,
+    train_dense,
+    train_experts,
+    train_experts_serial,
+)
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is fastest and avoids stalls on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def regression_data(n=600, L=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g)
+    y = torch.sin(4 * x[:, :1]) + x[:, 1:] ** 2
+    leaf = torch.randint(0, L, (n,), generator=g)
+    return x, y, leaf
+
+
+def assert_same_experts(a: StackedMLP, b: StackedMLP, ids, atol=2e-5, skip=()):
+    for gid in ids:
+        sa, sb = a.expert_state(gid), b.expert_state(gid)
+        for k in sa:
+            if k not in skip:
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=atol, msg=f"expert {gid} {k}")
+
+
+CASES = {
+    "mse-adam": dict(kw=dict(prelu=True), cfg=dict(loss="mse", optimizer="adam", lr=3e-3)),
+    "ce-adamw-relu": dict(kw=dict(prelu=False), cfg=dict(loss="cross_entropy", optimizer="adamw", lr=3e-2)),
+}
+
+
+def class_labels(x, y):
+    return (y[:, 0] > y.median()).long() + (x[:, 0] > 0.5).long()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_batched_training_equals_serial(name):
+    case = CASES[name]
+    x, y, leaf = regression_data()
+    # a tiny leaf (no validation split) and an expert the data never reach
+    leaf[leaf == 5] = 4
+    leaf[:3] = 5
+    L, n_out = 7, 1
+    if case["cfg"]["loss"] == "cross_entropy":
+        y, n_out = class_labels(x, y), 3
+    model = StackedMLP(L, 2, 8, 2, n_out, generator=torch.Generator().manual_seed(1), **case["kw"])
+    cfg = TrainConfig(batch_size=16, max_steps=60, eval_every=5, patience=1, val_fraction=0.2,
+                      progress=False, seed=3, device="cpu", **case["cfg"])
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="no training data"):
+        ra = train_experts(a, x, y, leaf, cfg)
+    with pytest.warns(UserWarning, match="no training data"):
+        rb = train_experts_serial(b, x, y, leaf, cfg)
+    assert ra.expert_ids == rb.expert_ids == [0, 1, 2, 3, 4, 5] and ra.skipped_ids == [6]
+    # early stopping really happened for some experts, at different steps, and not for the tiny one
+    stops = ra.stop_step[:5]
+    assert (stops > 0).sum() >= 2 and len(set(stops[stops > 0])) >= 2
+    assert ra.stop_step[5] == -1 and ra.best_step[5] == -1
+    np.testing.assert_array_equal(ra.stop_step, rb.stop_step)
+    np.testing.assert_array_equal(ra.best_step, rb.best_step)
+    np.testing.assert_allclose(ra.val_loss, rb.val_loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ra.train_loss, rb.train_loss, rtol=1e-4, atol=1e-6)
+    assert_same_experts(a, b, range(L))
+    # and training changed the trained experts, not the skipped one
+    assert not torch.equal(a.weights[0][0], model.weights[0][0])
+    assert torch.equal(a.weights[0][6], model.weights[0][6])
+
+
+def test_batched_training_equals_serial_with_batchnorm():
+    """Per-expert BatchNorm in lockstep = nn.BatchNorm1d per expert.
+
+    A bias right before BatchNorm has zero gradient in exact arithmetic (BN subtracts the batch
+    mean); Adam divides its rounding noise by its own tiny RMS and walks it by about ``lr`` per step,
+    differently in bmm and in mm. So those biases, and the running means that carry them, are not
+    comparable between any two implementations; every other tensor is.
+    """
+    x, y, leaf = regression_data(L=4)
+    y = class_labels(x, y)
+    model = StackedMLP(4, 2, 8, 2, 3, batchnorm=True, generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(loss="cross_entropy", optimizer="adamw", lr=1e-2, batch_size=16, max_steps=40,
+                      eval_every=10, patience=None, progress=False, device="cpu")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra, rb = train_experts(a, x, y, leaf, cfg), train_experts_serial(b, x, y, leaf, cfg)
+    np.testing.assert_allclose(ra.train_loss, rb.train_loss, rtol=1e-4, atol=1e-6)
+    redundant = ("biases.0", "biases.1", "running_mean_0", "running_mean_1")
+    assert_same_experts(a, b, range(4), skip=redundant)
+    assert int(a.num_batches_tracked[0]) == 40
+
+
+def test_subset_of_experts_reproduces_full_run():
+    """What one process of a distributed run trains equals the full lockstep run for those ids."""
+    x, y, leaf = regression_data(L=5)
+    model = StackedMLP(5, 2, 8, 2, 1, generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(batch_size=8, max_steps=30, eval_every=10, lr=1e-3, progress=False, device="cpu")
+    full, part = copy.deepcopy(model), copy.deepcopy(model)
+    train_experts(full, x, y, leaf, cfg)
+    res = train_experts(part, x, y, leaf, cfg, expert_ids=[3, 1])
+    assert res.expert_ids == [3, 1]
+    assert_same_experts(full, part, [3, 1], atol=1e-6)
+    assert_same_experts(part, model, [0, 2, 4], atol=0)  # untouched
+
+
+def test_training_lowers_loss_and_restores_best():
+    x, y, leaf = regression_data(n=800, L=4)
+    model = StackedMLP(4, 2, 16, 2, 1, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=32, max_steps=300, eval_every=20, lr=3e-3, patience=3, progress=False,
+                      device="cpu", val_fraction=0.25)
+    res = train_experts(model, x, y, leaf, cfg)
+    assert res.val_loss.shape == (len(res.eval_steps), 4) and res.eval_steps[0] == 0
+    first, best = res.val_loss[0], res.best_val
+    assert np.all(best < 0.2 * first), (first, best)
+    assert res.samples_per_second > 0 and res.seconds > 0
+    # the model holds the best-validation parameters: recompute the validation loss
+    split = split_by_leaf(leaf, torch.arange(4), cfg.val_fraction, cfg.seed)
+    model.eval()
+    with torch.no_grad():
+        pred = model.forward_routed(x[split.val_rows], leaf[split.val_rows])
+    rows = per_expert_loss(pred[:, None], y[split.val_rows][:, None], "mse")
+    per = torch.zeros(4).index_add_(0, split.val_local, rows) / split.n_val
+    np.testing.assert_allclose(per.numpy(), best, rtol=1e-4)
+    hist = res.history(2)
+    assert np.nanmin(hist["val_loss"]) == pytest.approx(best[2])
+
+
+def test_split_by_leaf_partitions_each_leaf():
+    leaf = torch.tensor([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3] * 3)
+    ids = torch.tensor([2, 0, 1])
+    s = split_by_leaf(leaf, ids, 0.25, seed=4)
+    rows = torch.cat([s.train_rows, s.val_rows])
+    assert len(torch.unique(rows)) == len(rows)
+    assert set(rows.tolist()) == set(torch.nonzero(leaf != 3).flatten().tolist())
+    counts = torch.tensor([30, 3, 6])
+    assert s.n_val.tolist() == torch.floor(counts * 0.25).long().tolist()
+    assert (s.n_train + s.n_val).tolist() == counts.tolist()
+    assert torch.equal(leaf[s.train_rows], torch.repeat_interleave(ids, s.n_train))
+    # an expert's split does not depend on the other experts trained with it
+    alone = split_by_leaf(leaf, torch.tensor([2]), 0.25, seed=4)
+    assert torch.equal(alone.val_rows, s.val_rows[: int(s.n_val[0])])
+    assert not torch.equal(split_by_leaf(leaf, ids, 0.25, seed=5).val_rows, s.val_rows)
+
+
+def test_sampler_walks_permutations():
+    n = torch.tensor([10, 3, 25])
+    ids = torch.tensor([7, 0, 2])
+    smp = LockstepSampler(n, ids, batch_size=4, seed=1)
+    steps = [smp.indices(t) for t in range(12)]
+    assert all(s.shape == (3, 4) for s in steps)
+    # expert 2 (25 samples, 6 batches per epoch): each epoch's 24 samples are distinct
+    epoch0 = torch.cat([s[2] for s in steps[:6]])
+    assert len(torch.unique(epoch0)) == 24 and int(epoch0.max()) < 25
+    epoch1 = torch.cat([s[2] for s in steps[6:12]])
+    assert not torch.equal(epoch0, epoch1)
+    # expert 0 (3 samples < batch): every batch holds all 3 samples, one repeated
+    for s in steps:
+        assert set(s[1].tolist()) == {0, 1, 2}
+    # expert 7's stream is the same when sampled alone
+    alone = LockstepSampler(n[:1], ids[:1], batch_size=4, seed=1)
+    for t in range(12):
+        assert torch.equal(alone.indices(t)[0], steps[t][0])
+    with pytest.raises(ValueError, match="at least one sample"):
+        LockstepSampler(torch.tensor([0]), torch.tensor([0]), 4, 0)
+
+
+def test_dense_baseline_trains():
+    x, y, _ = regression_data(n=400)
+    dense = StackedMLP.dense_with_budget(4 * StackedMLP(4, 2, 8, 2, 1).parameters_per_expert, 2, 2, 1)
+    res = train_dense(dense, x, y, TrainConfig(batch_size=32, max_epochs=3, lr=3e-3, progress=False, device="cpu"))
+    assert res.expert_ids == [0] and res.steps_run == int(np.ceil(3 * res.n_train[0] / 32))
+    assert res.best_val[0] < res.val_loss[0, 0]
+    with pytest.raises(ValueError, match="stack of one"):
+        train_dense(StackedMLP(2, 2, 4, 1), x, y)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)
+    x, y, leaf = regression_data(n=50)
+    m = StackedMLP(6, 2, 4, 1)
+    cfg = TrainConfig(progress=False, max_steps=2, device="cpu")
+    with pytest.raises(ValueError, match=r"y\[:, None\]"):
+        train_experts(m, x, y[:, 0], leaf, cfg)
+    with pytest.raises(ValueError, match="does not hold"):
+        train_experts(m, x, y, leaf, cfg, expert_ids=[9])
+    with pytest.raises(ValueError, match="class ids"):
+        train_experts(m, x, y, leaf, TrainConfig(loss="cross_entropy", progress=False, device="cpu"))
+
+
+def test_gpu_levers_are_safe_on_cpu():
+    """bf16 autocast runs on a CPU; CUDA-only levers (graphs, compile) are ignored there."""
+    x, y, leaf = regression_data(n=300, L=3)
+    model = StackedMLP(3, 2, 8, 2, 1, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=16, max_steps=40, eval_every=20, lr=3e-3, bf16=True, cuda_graph=True,
+                      compile=True, progress=False, device="cpu")
+    res = train_experts(model, x, y, leaf, cfg)
+    assert np.all(res.best_val < res.val_loss[0])
+    assert model.weights[0].dtype == torch.float32  # fp32 master weights
