@@ -171,7 +171,8 @@ def start_workers(
     """Find out who this process is; under ``torchrun`` start the process group.
 
     Under ``torchrun`` (``WORLD_SIZE`` set in the environment) the group uses NCCL when CUDA is
-    available (each process on GPU ``LOCAL_RANK``) and gloo on CPU. ``shard=(i, n)`` runs shard
+    available (each process on GPU ``LOCAL_RANK``) and gloo on CPU, or when more processes than
+    GPUs run on one machine (they then share GPUs round-robin). ``shard=(i, n)`` runs shard
     ``i`` of ``n`` with no group. The group's ``timeout_min`` bounds how long the final barrier waits
     for the slowest rank, so it must exceed the longest shard's training time.
     """
@@ -187,9 +188,12 @@ def start_workers(
     wanted = get_device(device) if device else None
     use_cuda = torch.cuda.is_available() and (wanted is None or wanted.type == "cuda")
     if use_cuda:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        dev = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(dev)
-        backend = "nccl"
+        # NCCL needs one GPU per rank; ranks sharing a GPU fall back to gloo, which is enough here:
+        # the group only carries a barrier and two small object collectives, never gradients.
+        backend = "nccl" if _env_int("LOCAL_WORLD_SIZE", 1) <= gpus else "gloo"
     else:
         dev = wanted or torch.device("cpu")
         backend = "gloo"
@@ -632,6 +636,7 @@ def run(
     device: str | None = None,
     progress: bool = True,
     prepare_only: bool = False,
+    timeout_min: float = 24 * 60,
 ) -> dict[str, Any]:
     """Train (this process's share of) the MoMLP of ``cfg``; return the run summary.
 
@@ -640,7 +645,7 @@ def run(
     if prepare_only and (shard is not None or _env_int("WORLD_SIZE", 1) > 1):
         raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
     train_data = load_training_data(cfg)  # a bad data file stops the run here, before anything is written
-    workers = start_workers(shard, device)
+    workers = start_workers(shard, device, timeout_min)
     out_dir = Path(cfg.run.output_dir)
     try:
         t0 = time.perf_counter()
@@ -732,6 +737,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shard", help="I/N: train shard I of N without a process group (job arrays)")
     p.add_argument("--prepare", action="store_true", help="only build and save the routing tree (before a job array)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: automatic)")
+    p.add_argument("--timeout-min", type=float, default=24 * 60,
+                   help="how long ranks wait for the slowest one at the final barrier (minutes, default 1440)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     return p.parse_args(argv)
@@ -764,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}))
         return 0
     try:
-        summary = run(cfg, shard=shard, device=args.device, progress=not args.no_progress, prepare_only=args.prepare)
+        summary = run(cfg, shard=shard, device=args.device, progress=not args.no_progress,
+                      prepare_only=args.prepare, timeout_min=args.timeout_min)
     except ConfigError as err:  # e.g. a data file without x_train: found before any training
         print(f"error: {err}", file=sys.stderr)
         return 2
