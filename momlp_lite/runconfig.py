@@ -164,6 +164,10 @@ class RunConfig:
         """A copy with some top-level fields replaced (sections as dataclasses)."""
         return dataclasses.replace(self, **changes)
 
+    def with_output_dir(self, output_dir: str | os.PathLike[str]) -> "RunConfig":
+        """A copy that writes to ``output_dir`` (same fingerprint: the weights do not change)."""
+        return self.replace(run=dataclasses.replace(self.run, output_dir=str(output_dir)))
+
 
 _SECTIONS: dict[str, type] = {
     "data": DataSection,
