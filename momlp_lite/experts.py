@@ -24,10 +24,10 @@ modules and files (one file per expert).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .sizes import dense_width_for_parameters, mlp_parameter_count
@@ -38,7 +38,7 @@ PRELU_INIT = 0.25  # nn.PReLU's default slope
 # Upper bound on elements of one padded activation block in forward_routed.
 _ROUTED_BLOCK = 1 << 24
 
-ExpertConfig = dict  # {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
+ExpertConfig = dict[str, Any]  # keys: {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
 
 
 def _check_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -66,6 +66,9 @@ class StackedMLP(nn.Module):
         Global id of each expert in the stack (distinct, >= 0); default ``0..L-1``.
     generator : torch.Generator, optional
         For the initialisation (``nn.Linear``'s: uniform in ``±1/sqrt(fan_in)``).
+    seed : int, optional
+        Instead of ``generator``: initialise expert ``e`` from ``(seed, e)`` alone, so that a stack of
+        any subset of experts (one per process, say) starts exactly as the full stack would.
     device, dtype
         Where and in what precision the parameters live.
 
@@ -92,6 +95,7 @@ class StackedMLP(nn.Module):
         bn_momentum: float = 0.1,
         expert_ids: Sequence[int] | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -106,19 +110,33 @@ class StackedMLP(nn.Module):
         self.bn_eps = float(bn_eps)
         self.bn_momentum = float(bn_momentum)
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
+        ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
+        if ids.numel() != L:
+            raise ValueError(f"expert_ids must name {L} experts, got {ids.numel()}")
+        if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
+            raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed (per-expert initialisation) or generator, not both")
 
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-            bound = 1.0 / math.sqrt(fan_in)
-            w = torch.empty(L, fan_in, fan_out, **factory)
-            b = torch.empty(L, fan_out, **factory)
-            with torch.no_grad():
-                w.uniform_(-bound, bound, generator=generator)
-                b.uniform_(-bound, bound, generator=generator)
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(b))
+        shapes = list(zip(dims[:-1], dims[1:]))
+        # nn.Linear's initialisation: uniform in +-1/sqrt(fan_in) for weights and biases
+        init_device = generator.device if generator is not None else (torch.device("cpu") if seed is not None else device)
+        ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
+        bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
+        with torch.no_grad():
+            if seed is None:
+                for (fan_in, _), w, b in zip(shapes, ws, bs):
+                    w.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
+                    b.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
+            else:  # initialisation only (not a hot path): expert e's numbers depend on (seed, e) alone
+                for j, e in enumerate(ids.tolist()):
+                    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
+                    for (fan_in, _), w, b in zip(shapes, ws, bs):
+                        w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                        b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+        self.weights = nn.ParameterList(nn.Parameter(w.to(device)) for w in ws)
+        self.biases = nn.ParameterList(nn.Parameter(b.to(device)) for b in bs)
         if self.prelu:
             self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), PRELU_INIT, **factory))
         else:
@@ -134,11 +152,6 @@ class StackedMLP(nn.Module):
             self.register_buffer(
                 "num_batches_tracked", torch.zeros(L, dtype=torch.long, device=device)
             )
-        ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
-        if ids.numel() != L:
-            raise ValueError(f"expert_ids must name {L} experts, got {ids.numel()}")
-        if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
-            raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
         self.register_buffer("expert_ids", ids.to(device))
 
     # ------------------------------------------------------------------ description
@@ -228,7 +241,8 @@ class StackedMLP(nn.Module):
             if self.batchnorm:
                 h = self._batchnorm(h, k, p, k_update)
             if self.prelu:
-                h = torch.where(h >= 0, h, h * p["slope"].to(h.dtype)[:, None, None])
+                # one fused kernel each way: F.prelu with the experts as the channel dimension
+                h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0)
             else:
                 h = torch.relu(h)
         return h
@@ -342,6 +356,35 @@ class StackedMLP(nn.Module):
             y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)
         out[order] = y_sorted
         return out
+
+    def fold_affine_(
+        self,
+        in_shift: torch.Tensor | None = None,
+        in_scale: torch.Tensor | None = None,
+        out_shift: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
+    ) -> "StackedMLP":
+        """Fold per-expert input/output standardisation into the first and last layers.
+
+        Before: expert ``l`` computes ``g_l``, trained on standardised data. After:
+        ``f_l(x) = out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]`` on raw
+        inputs, with no extra parameters. Shapes ``[L, n_in]`` and ``[L, n_out]`` (or broadcastable).
+        """
+        with torch.no_grad():
+            w0, b0 = self.weights[0], self.biases[0]
+            if in_scale is not None:
+                w0.div_(in_scale.to(w0).expand(self.num_experts, self.n_in)[:, :, None])
+            if in_shift is not None:
+                shift = in_shift.to(w0).expand(self.num_experts, self.n_in)
+                b0.sub_(torch.einsum("li,lio->lo", shift, w0))
+            wl, bl = self.weights[-1], self.biases[-1]
+            if out_scale is not None:
+                scale = out_scale.to(wl).expand(self.num_experts, self.n_out)
+                wl.mul_(scale[:, None, :])
+                bl.mul_(scale)
+            if out_shift is not None:
+                bl.add_(out_shift.to(bl).expand(self.num_experts, self.n_out))
+        return self
 
     # ------------------------------------------------------------------ moving experts around
     def _stacked_state(self) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -249,10 +249,11 @@ class LockstepSampler:
     """
 
     def __init__(self, n: torch.Tensor, expert_ids: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", block_elements: int = 1 << 22) -> None:
         self.n_cpu = n.cpu().long()
         if bool((self.n_cpu < 1).any()):
             raise ValueError("every shard needs at least one sample; drop empty experts first")
+        L = len(self.n_cpu)
         self.device = torch.device(device)
         self.ids = expert_ids.long().to(self.device)
         self.n = self.n_cpu.to(self.device)
@@ -261,24 +262,35 @@ class LockstepSampler:
         self.per_epoch = torch.clamp(self.n_cpu // self.batch, min=1)
         self._per_epoch_dev = self.per_epoch.to(self.device)
         self.width = int(self.n_cpu.max())
-        self.perm = torch.zeros(len(self.n_cpu), self.width, dtype=torch.long, device=self.device)
-        self.epoch = torch.full((len(self.n_cpu),), -1, dtype=torch.long)
+        # permutations of several epochs are made at once: perm[j, k] is epoch base[j] + k of expert j
+        self.epochs_per_block = max(1, min(256, block_elements // max(1, L * self.width)))
+        self.perm = torch.zeros(L, self.epochs_per_block, self.width, dtype=torch.long, device=self.device)
+        self.base = torch.full((L,), -self.epochs_per_block, dtype=torch.long)
+        self._base_dev = self.base.to(self.device)
+        self._rows = torch.arange(L, device=self.device)
         self._cols = torch.arange(self.width, device=self.device)
+        self._block = torch.arange(self.epochs_per_block, device=self.device)
         self._arange_b = torch.arange(self.batch, device=self.device)
 
     def indices(self, step: int) -> torch.Tensor:
         """Positions ``[L, B]`` (into each expert's own shard) of the samples of ``step``."""
         epoch = step // self.per_epoch
-        stale = torch.nonzero(epoch != self.epoch).flatten()
+        stale = torch.nonzero((epoch < self.base) | (epoch >= self.base + self.epochs_per_block)).flatten()
         if len(stale):
             rows = stale.to(self.device)
-            key = _hash(self.seed, self.ids[rows, None], _SALT_EPOCH, epoch[stale].to(self.device)[:, None], self._cols)
-            key = torch.where(self._cols < self.n[rows, None], key, torch.full_like(key, 1 << 40))
-            self.perm[rows] = torch.argsort(key, dim=1, stable=True)
-            self.epoch[stale] = epoch[stale]
-        first = (step % self._per_epoch_dev) * self.batch  # on the device: no host copy per step
+            first_epoch = epoch[stale].to(self.device)
+            key = _hash(self.seed, self.ids[rows, None, None], _SALT_EPOCH,
+                        (first_epoch[:, None] + self._block)[:, :, None], self._cols)
+            key = torch.where(self._cols < self.n[rows, None, None], key, torch.full_like(key, 1 << 40))
+            self.perm[rows] = torch.argsort(key, dim=2, stable=True)
+            self.base[stale] = epoch[stale]
+            self._base_dev[rows] = first_epoch
+        # everything below stays on the device: no host copy per step
+        rel = step // self._per_epoch_dev - self._base_dev
+        current = self.perm[self._rows, rel]
+        first = (step % self._per_epoch_dev) * self.batch
         pos = (first[:, None] + self._arange_b) % self.n[:, None]
-        return self.perm.gather(1, pos)
+        return current.gather(1, pos)
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -297,6 +309,8 @@ def _make_optimizer(params: Any, cfg: TrainConfig, device: torch.device,
     kw: dict[str, Any] = dict(lr=cfg.lr)
     if fused:
         kw["fused"] = True
+    else:
+        kw["foreach"] = True  # one kernel per op over all tensors: less per-step overhead
     if capturable:
         kw["capturable"] = True
     if cfg.weight_decay is not None:
@@ -329,7 +343,10 @@ class TrainStep:
 
     def autocast(self) -> Any:
         """bf16 autocast when asked for, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16 else nullcontext()
+        if not self.cfg.bf16:
+            return nullcontext()
+        # CUDA graphs need autocast's weight-cast cache off (casts must be recorded inside the graph)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
 
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -380,6 +397,9 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, n_in: int,
         raise ValueError(f"x must have shape [N, {n_in}], got {tuple(x.shape)}")
     if len(y) != len(x) or len(leaf) != len(x):
         raise ValueError(f"x, y and leaf need the same number of rows, got {len(x)}, {len(y)}, {len(leaf)}")
+    if leaf.ndim != 1 or (leaf.numel() and int(leaf.min()) < 0):
+        raise ValueError(f"leaf must be a 1-D tensor of expert ids >= 0, got shape {tuple(leaf.shape)}"
+                         f"{'' if not leaf.numel() else f' with min {int(leaf.min())}'}")
     if loss == "cross_entropy" and (y.ndim != 1 or y.is_floating_point()):
         raise ValueError(f"cross_entropy needs integer class ids y of shape [N], got {y.dtype} {tuple(y.shape)}")
     if loss == "mse" and y.ndim != 2:

@@ -205,3 +205,28 @@ def test_broadcast_input_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     torch.testing.assert_close(y.float(), m(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kw", SHAPES)
+def test_fold_affine_matches_standardised_experts(kw):
+    m = make(**kw).eval()
+    perturb_(m)
+    g = torch.Generator().manual_seed(5)
+    shift, scale = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.5
+    oshift, oscale = torch.randn(5, 2, generator=g), torch.rand(5, 2, generator=g) + 0.5
+    x = torch.randn(5, 4, 3, generator=g)
+    want = oscale[:, None] * m((x - shift[:, None]) / scale[:, None]) + oshift[:, None]
+    m.fold_affine_(shift, scale, oshift, oscale)
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_init_does_not_depend_on_the_other_experts():
+    full = StackedMLP(8, 3, 5, 2, 1, seed=3, batchnorm=True)
+    part = StackedMLP(2, 3, 5, 2, 1, seed=3, batchnorm=True, expert_ids=[5, 1])
+    for gid in (5, 1):
+        for k, v in full.expert_state(gid).items():
+            assert torch.equal(part.expert_state(gid)[k], v), k
+    assert not torch.equal(full.weights[0][0], full.weights[0][1])
+    assert not torch.equal(StackedMLP(8, 3, 5, 2, 1, seed=4).weights[0], full.weights[0])
+    with pytest.raises(ValueError, match="not both"):
+        StackedMLP(2, 3, 5, 2, 1, seed=3, generator=torch.Generator())

@@ -209,6 +209,8 @@ def test_bad_arguments():
         train_experts(m, x, y[:, 0], leaf, cfg)
     with pytest.raises(ValueError, match="does not hold"):
         train_experts(m, x, y, leaf, cfg, expert_ids=[9])
+    with pytest.raises(ValueError, match=">= 0"):
+        train_experts(m, x, y, leaf - 1, cfg)
     with pytest.raises(ValueError, match="class ids"):
         train_experts(m, x, y, leaf, TrainConfig(loss="cross_entropy", progress=False, device="cpu"))
 
