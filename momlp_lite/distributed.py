@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -79,7 +78,6 @@ __all__ = [
     "train_shard",
     "finalize",
     "compare_stores",
-    "expert_seed",
     "init_experts",
     "train_config",
     "expert_shape",
@@ -467,25 +465,13 @@ def expert_shape(cfg: RunConfig, data: RunData) -> dict[str, Any]:
                 prelu=e.prelu, batchnorm=e.batchnorm)
 
 
-def expert_seed(seed: int, expert_id: int) -> int:
-    """The initialisation seed of one expert: a hash of ``(seed, expert_id)`` only."""
-    digest = hashlib.sha256(f"momlp-expert-init:{int(seed)}:{int(expert_id)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def init_experts(cfg: RunConfig, shape: dict[str, Any], expert_ids: Sequence[int]) -> StackedMLP:
-    """A stack of freshly initialised experts, each from its own generator seeded by :func:`expert_seed`.
+    """A stack of freshly initialised experts; expert ``i``'s weights depend only on ``(cfg.seed, i)``.
 
-    Expert ``i`` starts from the same weights whichever group, process or machine builds it
-    (a stack built from one generator would give expert ``i`` different weights in different
-    groups). This loop runs once per group at initialisation, not in the training loop.
+    Uses :class:`~momlp_lite.experts.StackedMLP`'s per-expert ``seed``, so expert ``i`` starts from the
+    same weights whichever group, process or machine builds it.
     """
-    states = [
-        StackedMLP(1, expert_ids=[i], generator=torch.Generator().manual_seed(expert_seed(cfg.seed, i)),
-                   **shape).expert_state(i)
-        for i in expert_ids
-    ]
-    return StackedMLP.from_expert_states(states, shape, expert_ids=list(expert_ids))
+    return StackedMLP(len(expert_ids), expert_ids=list(expert_ids), seed=cfg.seed, **shape)
 
 
 def train_config(cfg: RunConfig, data: RunData, device: torch.device) -> TrainConfig:
