@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -94,6 +95,10 @@ EXPERT_DIR = "experts"
 RUN_TREE = "run_tree.safetensors"
 SUMMARY_NAME = "summary.json"
 _CRASH_EXIT_CODE = 17
+# Object collectives pickle; where torch can, unpickle only tensors and plain containers.
+_SAFE_UNPICKLE = (
+    {"weights_only": True} if "weights_only" in inspect.signature(dist.broadcast_object_list).parameters else {}
+)
 
 
 # ---------------------------------------------------------------------------- who am I
@@ -343,7 +348,8 @@ def prepare(
             _save_run_tree(tree_path, tree, fp)
     if workers.grouped:
         box: list[Any] = [tree.state_dict() if tree is not None else None]
-        dist.broadcast_object_list(box, src=0, device=workers.device if workers.backend == "nccl" else None)
+        dist.broadcast_object_list(box, src=0, device=workers.device if workers.backend == "nccl" else None,
+                                   **_SAFE_UNPICKLE)
         tree = RoutingTree.from_state_dict(box[0])
     assert tree is not None
     return RunData(x, y, tree)
@@ -520,7 +526,6 @@ def _train_group(
                 "best_val_loss": json.dumps(None if not np.isfinite(res.best_val[j]) else float(res.best_val[j])),
                 "best_step": str(int(res.best_step[j])),
                 "stop_step": str(int(res.stop_step[j])),
-                "steps_run": str(res.steps_run),
             }
     shape_text = json.dumps(model.config, sort_keys=True)
     return [
@@ -589,8 +594,9 @@ def compare_stores(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list
     """Differences between the experts of two run directories (empty list: identical).
 
     Every expert file is loaded with its checksum checked and compared tensor by tensor with
-    ``torch.equal`` — bit for bit, not within a tolerance. The routing trees are compared the
-    same way, and so are the manifests' expert lists.
+    ``torch.equal`` — bit for bit, not within a tolerance — and the fingerprints must agree. The
+    routing trees are compared the same way. (Other metadata, such as validation losses, is not
+    compared.)
     """
     pa, pb = Path(a), Path(b)
     diffs: list[str] = []
@@ -651,7 +657,7 @@ def run(
         records = [record]
         if workers.grouped:
             gathered: list[Any] = [None] * workers.world_size
-            dist.all_gather_object(gathered, record)
+            dist.all_gather_object(gathered, record, **_SAFE_UNPICKLE)
             records = gathered
         summary: dict[str, Any] = {
             "output_dir": str(out_dir),
@@ -750,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.config, profile=args.profile, overrides=_overrides(args))
         shard = parse_shard(args.shard) if args.shard else None
+        if args.prepare and (shard is not None or _env_int("WORLD_SIZE", 1) > 1):
+            raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
     except ValueError as err:  # ConfigError included: fail before any training
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -762,8 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:  # e.g. a data file without x_train: found before any training
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if _env_int("RANK", 0) != 0:
-        return 0
+    if shard is None and _env_int("RANK", 0) != 0:
+        return 0  # rank 0 reports for the whole group
     print(json.dumps(summary), flush=True)
     return 0 if summary.get("complete", True) or shard is not None else 1
 
