@@ -283,3 +283,58 @@ def test_cli_without_torchrun_shows_progress_and_prints_the_summary(
     assert summary["complete"] and summary["mode"] == "single"
     assert summary == json.loads((tmp_path / "out" / "summary.json").read_text())
     assert compare_stores(reference, tmp_path / "out") == []
+
+
+def test_prepare_cannot_combine_with_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(write_config(tmp_path)), "--prepare", "--shard", "0/2"]) == 2
+    assert "--prepare runs in one process" in capsys.readouterr().err
+
+
+def test_file_data_with_kmeans_routing_and_classes(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(120, 3, generator=g)
+    y = (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()  # 3 classes
+    save_file({"x_train": x, "y_train": y}, str(tmp_path / "features.safetensors"))
+    (tmp_path / "run.toml").write_text(
+        "seed = 1\n"
+        '[data]\nkind = "file"\npath = "features.safetensors"\n'
+        '[routing]\nkind = "kmeans"\ndepth = 1\nbranching = 4\n'
+        "[experts]\nwidth = 8\nhidden_layers = 1\nbatchnorm = true\n"
+        '[optimiser]\nname = "adamw"\nlr = 1e-2\nepochs = 20\nbatch_size = 8\nloss = "cross_entropy"\n'
+        f'[run]\noutput_dir = "{tmp_path / "out"}"\nexperts_per_step = 2\n'
+    )
+    cfg = load_run_config(tmp_path / "run.toml")
+    assert run(cfg, progress=False)["complete"]
+    store = ExpertStore(tmp_path / "out")
+    assert store.config["n_out"] == 3 and store.config["batchnorm"] and store.num_experts == 4
+    accuracy = (store.predict(x, device="cpu").labels == y).float().mean()
+    assert accuracy > 0.6  # well above the 1/3 of guessing
+
+
+def test_backend_choice_without_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL when every local rank has its own GPU, gloo when ranks share one or there is none."""
+    import torch.distributed as dist
+
+    from momlp_lite.distributed import start_workers
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("MOMLP_DEVICE", raising=False)
+    for gpus, backend, device in ((0, "gloo", "cpu"), (2, "nccl", "cuda:1"), (1, "gloo", "cuda:0")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda g=gpus: g > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda g=gpus: g)
+        w = start_workers()
+        assert (w.backend, str(w.device), w.rank, w.world_size, w.mode) == (backend, device, 1, 4, "torchrun")
+        assert calls[-1]["backend"] == backend
+        assert (calls[-1]["device_id"] is not None) == (backend == "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert start_workers(device="cpu").backend == "gloo"  # --device cpu wins over the GPUs
