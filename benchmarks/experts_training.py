@@ -137,6 +137,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None)
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     p.add_argument("--name", default=None, help="results/<name>.json (default: experts_training[_quick_<device>])")
     args = p.parse_args(argv)
     if args.quick:
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or ("experts_training" + ("" if not args.quick else f"_quick_{device.type}"))
     payload = dict(
         benchmark="experts_training",
+        note=args.note,
         flop_count="6 x multiply-adds per sample (forward 2, backward 4), optimizer step included in the time",
         settings=dict(width=args.width, hidden_layers=args.hidden_layers, n_in=args.n_in, steps=args.steps,
                       warmup=args.warmup, repeats=args.repeats, serial_experts=args.serial_experts,

@@ -318,8 +318,9 @@ class StackedMLP(nn.Module):
         """Routed forward: row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id).
 
         Returns ``[N, n_out]`` in the input order. Rows are grouped by leaf (one sort), padded to
-        ``[L', rows, n_in]`` over the ``L'`` experts that received rows, and run with batched
-        matmuls in blocks of at most ``max_block`` activation elements — no loop over experts.
+        ``[L', rows, n_in]`` and run with batched matmuls in blocks of at most ``max_block``
+        activation elements — no loop over experts. ``L'`` is the number of experts that received
+        rows when that is at most half the stack (their weights are gathered), else all experts.
         Training-mode BatchNorm is refused (padding would enter the statistics): call ``.eval()``
         or train with :meth:`forward`.
         """
@@ -340,17 +341,21 @@ class StackedMLP(nn.Module):
         group = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(len(order), device=x.device) - starts[group]
-        use_all = len(present) == self.num_experts
-        layers = self._layer_tensors(None if use_all else present)
+        # few experts hit: gather just their weights; most hit: run all (a weight copy would cost more)
+        compact = 2 * len(present) <= self.num_experts
+        layers = self._layer_tensors(present if compact else None)
+        rows = len(present) if compact else self.num_experts
+        if not compact:
+            group = sorted_local
         max_count = int(counts.max())
         widest = max(self.n_in, self.width, self.n_out)
-        chunk = max(1, min(max_count, max_block // max(1, len(present) * widest)))
+        chunk = max(1, min(max_count, max_block // max(1, rows * widest)))
         x_sorted = x[order]
         y_sorted = out.new_empty(len(order), self.n_out)
         for lo in range(0, max_count, chunk):  # loop over row blocks, not experts
             hi = min(lo + chunk, max_count)
             sel = (pos >= lo) & (pos < hi)
-            padded = x.new_zeros(len(present), hi - lo, self.n_in)
+            padded = x.new_zeros(rows, hi - lo, self.n_in)
             padded[group[sel], pos[sel] - lo] = x_sorted[sel]
             y = self._run(padded, layers, k_update=False)
             y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)

@@ -205,7 +205,7 @@ class DINOv2Features(FeatureExtractor):
         self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
         if x.shape[1] == 1:
@@ -270,7 +270,7 @@ def _read_cache(path: Path, split: ImageSplit, meta_want: dict[str, str]) -> tor
     return feats
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _extract(extractor: FeatureExtractor, split: ImageSplit, batch_size: int, device: torch.device, desc: str, progress: bool) -> torch.Tensor:
     out = []
     total = -(-len(split) // batch_size)

@@ -240,7 +240,7 @@ def grid_setup(profile: str | None = None) -> GridSetup:
         smoke=GridSetup(tasks(targets_small, {1: (256, 4), 2: (24, 2), 3: (10, 1)}), 16, 3, smoke_cfg,
                         GridTask("sine", 2, 48, 3), (0, 1, 2, 3), 8, replace(smoke_cfg, max_steps=200)),
         default=GridSetup(tasks(targets_all, {1: (1024, 4), 2: (48, 2), 3: (16, 1)}), 64, 3, default_cfg,
-                          GridTask("sine", 2, 96, 4), (0, 1, 2, 3, 4), 16, replace(default_cfg, max_steps=1500)),
+                          GridTask("sine", 2, 160, 4), (0, 1, 2, 3, 4), 16, replace(default_cfg, max_steps=1500)),
         paper=GridSetup(tasks(targets_all, {1: (8192, 6), 2: (256, 3), 3: (40, 2)}), 1000, 3, paper_cfg,
                         GridTask("sine", 2, 256, 4), (0, 1, 2, 3, 4), 1000, paper_cfg),
         profile=profile,

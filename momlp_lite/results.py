@@ -39,10 +39,21 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
     """Who/where/when of a run: device name, torch version, UTC date, git commit, host CPU."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)"
     return {
         "device": name,
         "device_type": dev.type,

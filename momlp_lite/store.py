@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .config import get_device
+from .config import choose, get_device
 from .experts import StackedMLP
 from .routing import RoutingTree
 
@@ -59,6 +59,8 @@ __all__ = [
     "measure_peak_memory",
     "Prediction",
     "ExpertStore",
+    "memory_vs_experts",
+    "serving_setup",
 ]
 
 CHECKSUM_KEY = "momlp_sha256"
@@ -386,7 +388,7 @@ class TensorMemoryMeter(TorchDispatchMode):
 class MemoryReport:
     """Peak memory of a block of work: ``peak_bytes`` and what was measured (``how``)."""
 
-    peak_bytes: int = 0
+    peak_bytes: int | None = 0
     how: str = ""
 
 
@@ -420,19 +422,28 @@ def measure_peak_memory(device: torch.device | str) -> Iterator[MemoryReport]:
             report.peak_bytes = int(meter.peak_bytes)
 
 
+@contextmanager
+def _maybe_measure(device: torch.device, measure: bool) -> Iterator[MemoryReport]:
+    if measure:
+        with measure_peak_memory(device) as report:
+            yield report
+    else:
+        yield MemoryReport(peak_bytes=None, how="not measured")
+
+
 # ---------------------------------------------------------------------------- the expert store
 @dataclass
 class Prediction:
     """What :meth:`ExpertStore.predict` returns.
 
     ``outputs`` ``[N, n_out]`` (CPU, input order), ``leaves`` ``[N]``, how many experts were
-    loaded, the peak memory (and how it was measured) and the wall time.
+    loaded, the peak memory (and how it was measured; None when not measured) and the wall time.
     """
 
     outputs: torch.Tensor
     leaves: torch.Tensor
     experts_loaded: int
-    peak_bytes: int
+    peak_bytes: int | None
     memory_measure: str
     seconds: float
 
@@ -564,19 +575,21 @@ class ExpertStore:
         return self.tree.route(x.to("cpu"))
 
     # ------------------------------------------------------------------ inference
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict(
         self,
         x: torch.Tensor,
         device: torch.device | str | None = None,
         progress: bool = False,
+        measure_memory: bool = True,
     ) -> Prediction:
         """Predict by loading **one expert at a time**.
 
         Routes the batch, groups its rows by leaf, and for each leaf that received rows: loads that
         expert's file onto ``device``, runs its rows (one batched forward), keeps the outputs and
         frees the expert before the next is loaded. Peak memory is measured with
-        :func:`measure_peak_memory` (inputs already in memory are not counted).
+        :func:`measure_peak_memory` (inputs already in memory are not counted); pass
+        ``measure_memory=False`` for timings (the CPU meter slows every op down).
         """
         dev = torch.device(device) if device is not None else get_device()
         x = x.to("cpu")
@@ -586,7 +599,7 @@ class ExpertStore:
         present, counts = torch.unique_consecutive(leaves[order], return_counts=True)
         groups = torch.split(order, counts.tolist())
         outputs = torch.empty(len(x), int(self.config["n_out"]), dtype=torch.float32)
-        with measure_peak_memory(dev) as mem:
+        with _maybe_measure(dev, measure_memory) as mem:
             pairs = zip(present.tolist(), groups)
             for leaf, rows in tqdm(pairs, total=len(groups), desc="experts", disable=not progress, leave=False):
                 expert = self.load_expert(leaf, dev)
@@ -595,15 +608,97 @@ class ExpertStore:
                 del expert, y  # free this expert before the next one is loaded
         return Prediction(outputs, leaves, len(groups), mem.peak_bytes, mem.how, time.perf_counter() - start)
 
-    @torch.inference_mode()
-    def predict_all_loaded(self, x: torch.Tensor, device: torch.device | str | None = None) -> Prediction:
+    @torch.no_grad()
+    def predict_all_loaded(
+        self, x: torch.Tensor, device: torch.device | str | None = None, measure_memory: bool = True
+    ) -> Prediction:
         """The reference: load every expert at once, then one routed forward for the whole batch."""
         dev = torch.device(device) if device is not None else get_device()
         x = x.to("cpu")
         start = time.perf_counter()
         leaves = self.route(x)
-        with measure_peak_memory(dev) as mem:
+        with _maybe_measure(dev, measure_memory) as mem:
             model = self.load_all(dev)
             y = model.forward_routed(x.to(dev), leaves.to(dev)).to("cpu", torch.float32)
             del model
         return Prediction(y, leaves, self.num_experts, mem.peak_bytes, mem.how, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------- serving sweep
+def memory_vs_experts(
+    x_fit: torch.Tensor,
+    x: torch.Tensor,
+    tree_shapes: Sequence[tuple[int, int]],
+    width: int,
+    hidden_layers: int,
+    n_out: int,
+    directory: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Peak memory and throughput of serving MoMLPs with more and more experts, and their dense twins.
+
+    For each ``(depth, branching)`` a k-means tree is fitted on ``x_fit`` and a MoMLP with one
+    expert per leaf (``width``, ``hidden_layers``, BatchNorm, PReLU; seeded random weights — memory
+    does not depend on training) is saved as an :class:`ExpertStore`, next to a dense MLP with the
+    same total parameters (a one-expert store). ``x`` is then predicted three ways: one expert at a
+    time, all experts loaded, and with the dense MLP. Peak memory is measured in a first run; the
+    rows per second come from a second run without the memory meter.
+    """
+    dev = torch.device(device) if device is not None else get_device()
+    root = Path(directory)
+    rows = []
+    for depth, branching in tree_shapes:
+        tree = RoutingTree.from_data(x_fit, depth=depth, branching=branching, seed=seed)
+        num = tree.num_leaves
+        gen = torch.Generator().manual_seed(seed)
+        experts = StackedMLP(num, x.shape[1], width, hidden_layers, n_out, batchnorm=True, generator=gen).eval()
+        dense = StackedMLP.dense_with_budget(num * experts.parameters_per_expert, x.shape[1], hidden_layers, n_out,
+                                             batchnorm=True, generator=gen).eval()
+        moe_store = ExpertStore.save(root / f"momlp_{num}", experts, tree)
+        dense_store = ExpertStore.save(root / f"dense_{num}", dense)
+        del experts, dense
+        one = moe_store.predict(x, dev)
+        every = moe_store.predict_all_loaded(x, dev)
+        solo = dense_store.predict(x, dev)
+        speed = {
+            name: len(x) / fn(x, dev, measure_memory=False).seconds
+            for name, fn in [("one", moe_store.predict), ("all", moe_store.predict_all_loaded), ("dense", dense_store.predict)]
+        }
+        rows.append(dict(
+            experts=num,
+            experts_used=one.experts_loaded,
+            params_per_expert=moe_store.parameters_per_expert,
+            dense_params=dense_store.parameters_per_expert,
+            dense_width=int(dense_store.config["width"]),
+            peak_one_at_a_time=one.peak_bytes,
+            peak_all_loaded=every.peak_bytes,
+            peak_dense=solo.peak_bytes,
+            rows_per_s_one_at_a_time=speed["one"],
+            rows_per_s_all_loaded=speed["all"],
+            rows_per_s_dense=speed["dense"],
+            same_predictions=bool(torch.equal(one.labels, every.labels)),
+            max_abs_logit_diff=float((one.outputs - every.outputs).abs().max()),
+            memory_measure=one.memory_measure,
+        ))
+    return rows
+
+
+def serving_setup(profile: str | None = None) -> dict[str, Any]:
+    """Sizes of the serving chapter and benchmark for a profile (default: the current one).
+
+    ``dataset``/``extractor``/``tree``/``width``/``steps`` size the trained MoMLP the chapter saves
+    and serves; ``sweep`` (tree shapes), ``sweep_width`` and ``sweep_dim``/``sweep_rows`` size the
+    peak-memory sweep (the benchmark feeds it Gaussian vectors of ``sweep_dim`` coordinates).
+    """
+    return choose(
+        smoke=dict(dataset="digits", extractor=("pca", dict(n_components=8)), tree=(3, 2), width=32, steps=200,
+                   batch=64, sweep=[(1, 4), (2, 4), (3, 4)], sweep_width=64, sweep_dim=8, sweep_rows=360),
+        default=dict(dataset="mnist_subset", extractor=("pca", dict(n_components=48)), tree=(3, 2), width=128,
+                     steps=1000, batch=64, sweep=[(1, 4), (2, 4), (3, 4)], sweep_width=256, sweep_dim=48,
+                     sweep_rows=1000),
+        paper=dict(dataset="cifar10", extractor=("dinov2", dict(model="dinov2_vits14")), tree=(2, 4), width=1000,
+                   steps=5000, batch=256, sweep=[(1, 4), (2, 4), (3, 4), (4, 4)], sweep_width=1000, sweep_dim=384,
+                   sweep_rows=10_000),
+        profile=profile,
+    )

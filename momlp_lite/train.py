@@ -154,6 +154,16 @@ class TrainResult:
         """Training samples processed per second (all experts together)."""
         return self.steps_run * self.batch_size * len(self.expert_ids) / max(self.seconds, 1e-12)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON-ready; NaN stays NaN), without the config object."""
+        out: dict[str, Any] = {}
+        for name in ("expert_ids", "skipped_ids", "n_train", "n_val", "eval_steps", "train_loss", "val_loss",
+                     "best_val", "best_step", "stop_step", "steps_run", "batch_size", "seconds", "device"):
+            value = getattr(self, name)
+            out[name] = value.tolist() if isinstance(value, np.ndarray) else value
+        out["samples_per_second"] = self.samples_per_second
+        return out
+
     def history(self, expert_id: int) -> dict[str, np.ndarray]:
         """Evaluation steps with train/validation loss of one expert (global id)."""
         j = self.expert_ids.index(int(expert_id))

@@ -140,6 +140,8 @@ def test_training_lowers_loss_and_restores_best():
     rows = per_expert_loss(pred[:, None], y[split.val_rows][:, None], "mse")
     per = torch.zeros(4).index_add_(0, split.val_local, rows) / split.n_val
     np.testing.assert_allclose(per.numpy(), best, rtol=1e-4)
+    as_dict = res.to_dict()
+    assert as_dict["expert_ids"] == [0, 1, 2, 3] and len(as_dict["val_loss"]) == len(res.eval_steps)
     hist = res.history(2)
     assert np.nanmin(hist["val_loss"]) == pytest.approx(best[2])
 
