@@ -356,6 +356,11 @@ def _check_value(cls: type, key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer{_bounds_text(meta)}, got {value!r}")
     elif kind.startswith("float"):
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string; accept numeric text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number{_bounds_text(meta)}, got {value!r}")
         value = float(value)

@@ -52,6 +52,15 @@ def test_yaml_and_toml_give_the_same_config(tmp_path: Path) -> None:
     assert a.experts.width == 4 and a.optimiser.lr == pytest.approx(1e-3) and a.seed == 3
 
 
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {target: sine, n: 2, s: 8}\noptimiser: {lr: 1e-3}\n")  # YAML 1.1: a string
+    assert load_run_config(path).optimiser.lr == pytest.approx(1e-3)
+    path.write_text("data: {target: sine, n: 2, s: 8}\noptimiser: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="optimiser.lr must be a finite number > 0, got 'fast'"):
+        load_run_config(path)
+
+
 def test_per_profile_values_follow_the_profile() -> None:
     raw = _with("experts", width={"smoke": 4, "default": 64, "paper": 1000})
     assert parse_run_config(raw, profile="smoke").experts.width == 4
