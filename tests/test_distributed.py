@@ -51,8 +51,9 @@ CONFIG = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU: one intra-op thread, as torchrun gives each worker."""
+def one_cpu_thread(monkeypatch: pytest.MonkeyPatch):
+    """Train on the CPU (even where a GPU exists) with one intra-op thread, as every torchrun worker here."""
+    monkeypatch.setenv("MOMLP_DEVICE", "cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -90,7 +91,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("reference")
     cfg = load_run_config(write_config(folder), overrides={"run.output_dir": str(folder / "out")})
     torch.set_num_threads(1)
-    summary = run(cfg, progress=False)
+    summary = run(cfg, device="cpu", progress=False)
     assert summary["complete"] and summary["mode"] == "single" and summary["world_size"] == 1
     assert summary["trained"] == list(range(NUM_EXPERTS)) and summary["skipped"] == []
     return folder / "out"
