@@ -388,3 +388,24 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
     new = ExpertStore.save(st.directory, _model(8, seed=5), tree)
     files = sorted(p.name for p in st.directory.iterdir())
     assert len(files) == 8 + 2 and not torch.equal(new.predict(x, device="cpu").outputs, before)
+
+
+def test_memory_vs_experts_is_flat_for_one_at_a_time(tmp_path: Path) -> None:
+    from momlp_lite.store import memory_vs_experts, serving_setup
+
+    g = torch.Generator().manual_seed(0)
+    x_fit, x = torch.randn(300, 3, generator=g), torch.randn(100, 3, generator=g)
+    rows = memory_vs_experts(x_fit, x, [(1, 2), (2, 4)], 64, 2, 3, tmp_path, device="cpu")
+    assert [r["experts"] for r in rows] == [2, 16]
+    one = [r["peak_one_at_a_time"] for r in rows]
+    assert max(one) < 1.5 * min(one), one  # weights of one expert dominate; only activations differ
+    assert rows[1]["peak_all_loaded"] > 4 * rows[1]["peak_one_at_a_time"]
+    assert rows[1]["dense_params"] <= 16 * rows[1]["params_per_expert"] and rows[1]["peak_dense"] > rows[0]["peak_dense"]
+    assert all(r["same_predictions"] and r["rows_per_s_one_at_a_time"] > 0 for r in rows)
+    assert serving_setup("smoke")["sweep"][-1] == (3, 4)  # 64 experts in the smoke chapter
+
+
+def test_predict_without_memory_meter(tmp_path: Path) -> None:
+    st, _, _ = _store(tmp_path)
+    p = st.predict(torch.randn(20, 3), device="cpu", measure_memory=False)
+    assert p.peak_bytes is None and p.memory_measure == "not measured"
