@@ -451,7 +451,9 @@ def train_shard(
     with bar:
         for lo in range(0, len(todo), step):
             group = todo[lo : lo + step]
-            for expert_id, tensors, meta in _train_group(cfg, data, group, workers.device):
+            # a second (step) bar only for a lone process: several ranks' nested bars would garble
+            inner = progress and workers.world_size == 1
+            for expert_id, tensors, meta in _train_group(cfg, data, group, workers.device, inner):
                 save_expert_file(expert_path(out_dir, expert_id), tensors, {**meta, "fingerprint": fp})
                 record["trained"].append(expert_id)
                 bar.update(1)
@@ -480,7 +482,7 @@ def init_experts(cfg: RunConfig, shape: dict[str, Any], expert_ids: Sequence[int
     return StackedMLP(len(expert_ids), expert_ids=list(expert_ids), seed=cfg.seed, **shape)
 
 
-def train_config(cfg: RunConfig, data: RunData, device: torch.device) -> TrainConfig:
+def train_config(cfg: RunConfig, data: RunData, device: torch.device, progress: bool = False) -> TrainConfig:
     """The Algorithm 2 trainer's settings for ``cfg``, with the step budget fixed for the whole run.
 
     The number of steps and the evaluation interval come from the largest training shard over
@@ -496,12 +498,12 @@ def train_config(cfg: RunConfig, data: RunData, device: torch.device) -> TrainCo
         loss=o.loss, optimizer=o.name, lr=o.lr, weight_decay=o.weight_decay, batch_size=o.batch_size,
         max_steps=max(1, math.ceil(o.epochs * n_max / o.batch_size)), max_epochs=None,
         val_fraction=o.val_fraction, patience=o.patience, eval_every=per_epoch, seed=cfg.seed,
-        progress=False, device=str(device),
+        progress=progress, device=str(device),
     )
 
 
 def _train_group(
-    cfg: RunConfig, data: RunData, expert_ids: Sequence[int], device: torch.device
+    cfg: RunConfig, data: RunData, expert_ids: Sequence[int], device: torch.device, progress: bool = False
 ) -> list[tuple[int, dict[str, torch.Tensor], dict[str, str]]]:
     """Train ``expert_ids`` together (lockstep) with the Algorithm 2 trainer.
 
@@ -517,7 +519,7 @@ def _train_group(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*validation split.*")
             res = train_experts(model, data.x_train, data.y_train, data.leaf,
-                                train_config(cfg, data, device), expert_ids=with_data)
+                                train_config(cfg, data, device, progress), expert_ids=with_data)
         for j, i in enumerate(res.expert_ids):
             info[i] = {
                 "trained": "yes",

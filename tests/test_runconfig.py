@@ -164,3 +164,10 @@ def test_unreadable_files(tmp_path: Path, name: str, text: str, message: str) ->
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
+def test_shipped_example_config_is_valid(profile: str) -> None:
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "grid_sine.yaml", profile=profile)
+    assert cfg.profile == profile and cfg.data.target == "sine"
+    assert cfg.experts.width == {"smoke": 16, "default": 64, "paper": 1000}[profile]
