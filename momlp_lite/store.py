@@ -557,16 +557,38 @@ class ExpertStore:
             raise StoreError(f"{str(path)!r} is not the expert {expert_id} the manifest names; re-save the store")
         return tensors
 
+    def _stack(self, states: list[dict[str, torch.Tensor]], ids: list[int], device: torch.device | str) -> StackedMLP:
+        """Build a stack straight from file tensors: no random initialisation, and no copy for one expert."""
+        first = next(iter(states[0].values()))
+        dtype = first.dtype if first.is_floating_point() else None
+        model = StackedMLP(len(ids), expert_ids=ids, device="meta", dtype=dtype, **self.config)
+        want = set(model.state_dict()) - {"expert_ids"}
+        for i, st in zip(ids, states):
+            if set(st) != want:
+                raise StoreError(f"expert {i} in {str(self.directory)!r} has tensors {sorted(st)}, expected {sorted(want)}")
+        if len(states) == 1:  # a view with a leading expert dimension: the file's tensors are used as they are
+            stacked = {k: v.unsqueeze(0) for k, v in states[0].items()}
+        else:
+            stacked = {k: torch.stack([st[k] for st in states]) for k in want}
+        stacked = {k: v.to(device) for k, v in stacked.items()}
+        stacked["expert_ids"] = torch.tensor(ids, dtype=torch.long, device=device)
+        try:
+            model.load_state_dict(stacked, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise StoreError(f"expert tensors in {str(self.directory)!r} do not fit the manifest's config: {exc}") from None
+        return model.eval()
+
     def load_expert(self, expert_id: int, device: torch.device | str = "cpu") -> StackedMLP:
-        """Expert ``expert_id`` alone, as a one-expert :class:`StackedMLP` in eval mode on ``device``."""
-        state = self._read_state(expert_id)
-        return StackedMLP.from_expert_states([state], self.config, expert_ids=[int(expert_id)], device=device).eval()
+        """Expert ``expert_id`` alone, as a one-expert :class:`StackedMLP` in eval mode on ``device``.
+
+        On a CPU the module uses the tensors read from the file directly (one copy of the weights).
+        """
+        return self._stack([self._read_state(expert_id)], [int(expert_id)], device)
 
     def load_all(self, device: torch.device | str = "cpu") -> StackedMLP:
         """Every expert at once, stacked (the all-experts-loaded reference)."""
         ids = self.expert_ids
-        states = [self._read_state(i) for i in ids]
-        return StackedMLP.from_expert_states(states, self.config, expert_ids=ids, device=device).eval()
+        return self._stack([self._read_state(i) for i in ids], ids, device)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Expert id of every row of ``x`` (all zeros for a store without a tree)."""
@@ -601,6 +623,8 @@ class ExpertStore:
         outputs = torch.empty(len(x), int(self.config["n_out"]), dtype=torch.float32)
         with _maybe_measure(dev, measure_memory) as mem:
             pairs = zip(present.tolist(), groups)
+            # The loop over experts is the point here: one expert resident at a time, one load per needed expert;
+            # each expert's rows run as one batched forward pass.
             for leaf, rows in tqdm(pairs, total=len(groups), desc="experts", disable=not progress, leave=False):
                 expert = self.load_expert(leaf, dev)
                 y = expert(x[rows].to(dev).unsqueeze(0))[0]

@@ -303,7 +303,9 @@ def test_peak_memory_of_one_at_a_time_is_about_one_expert(tmp_path: Path) -> Non
     one, all_ = st.predict(x, device="cpu"), st.predict_all_loaded(x, device="cpu")
     expert_bytes = sum(v.numel() * v.element_size() for v in model.expert_state(0).values())
     assert one.experts_loaded == 16
-    assert expert_bytes <= one.peak_bytes < 6 * expert_bytes
+    # one expert (the file's tensors are used without copies) + a few activations of its rows [rows, width]
+    activation_bytes = int(tree.leaf_counts(x).max()) * 64 * 4
+    assert expert_bytes <= one.peak_bytes < expert_bytes + 8 * activation_bytes
     assert all_.peak_bytes >= 16 * expert_bytes
     assert one.peak_bytes * 4 < all_.peak_bytes
     assert "live torch tensors" in one.memory_measure
@@ -398,7 +400,7 @@ def test_memory_vs_experts_is_flat_for_one_at_a_time(tmp_path: Path) -> None:
     rows = memory_vs_experts(x_fit, x, [(1, 2), (2, 4)], 64, 2, 3, tmp_path, device="cpu")
     assert [r["experts"] for r in rows] == [2, 16]
     one = [r["peak_one_at_a_time"] for r in rows]
-    assert max(one) < 1.5 * min(one), one  # weights of one expert dominate; only activations differ
+    assert one[1] <= one[0], one  # one expert's weights + its rows' activations: fewer rows per expert, not more
     assert rows[1]["peak_all_loaded"] > 4 * rows[1]["peak_one_at_a_time"]
     assert rows[1]["dense_params"] <= 16 * rows[1]["params_per_expert"] and rows[1]["peak_dense"] > rows[0]["peak_dense"]
     assert all(r["same_predictions"] and r["rows_per_s_one_at_a_time"] > 0 for r in rows)

@@ -69,10 +69,14 @@ def test_batched_training_equals_serial(name):
     cfg = TrainConfig(batch_size=16, max_steps=60, eval_every=5, patience=1, val_fraction=0.2,
                       progress=False, seed=3, device="cpu", **case["cfg"])
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="no training data"):
-        ra = train_experts(a, x, y, leaf, cfg)
-    with pytest.warns(UserWarning, match="no training data"):
-        rb = train_experts_serial(b, x, y, leaf, cfg)
+    results = []
+    for train, m in ((train_experts, a), (train_experts_serial, b)):
+        with pytest.warns(UserWarning) as caught:
+            results.append(train(m, x, y, leaf, cfg))
+        messages = " | ".join(str(w.message) for w in caught)
+        assert "no training data" in messages and "ids [6]" in messages
+        assert "too few samples for a validation split (ids [5])" in messages
+    ra, rb = results
     assert ra.expert_ids == rb.expert_ids == [0, 1, 2, 3, 4, 5] and ra.skipped_ids == [6]
     # early stopping really happened for some experts, at different steps, and not for the tiny one
     stops = ra.stop_step[:5]
@@ -226,3 +230,31 @@ def test_gpu_levers_are_safe_on_cpu():
     res = train_experts(model, x, y, leaf, cfg)
     assert np.all(res.best_val < res.val_loss[0])
     assert model.weights[0].dtype == torch.float32  # fp32 master weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("lever", ["cuda_graph", "bf16", "compile"])
+def test_gpu_levers_match_eager_training(lever):
+    """On a GPU: a CUDA-graph step (warm-up undone) trains exactly like the eager step; bf16 and
+    torch.compile stay close to it."""
+    from momlp_lite.train import TrainStep
+
+    dev = torch.device("cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
+    base = StackedMLP(8, 3, 32, 3, 1, seed=0, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    batches = [(torch.randn(8, 64, 3, device=dev, generator=g), torch.randn(8, 64, 1, device=dev, generator=g))
+               for _ in range(6)]
+    runs = {}
+    for name in ("eager", lever):
+        model = copy.deepcopy(base)
+        cfg = TrainConfig(lr=1e-3, progress=False, **({} if name == "eager" else {lever: True}))
+        step = TrainStep(model, model, cfg, dev)
+        losses = [step(x, y) for x, y in batches]
+        runs[name] = (model, torch.stack(losses))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    tol = dict(rtol=1e-4, atol=1e-5) if lever != "bf16" else dict(rtol=0.1, atol=0.02)
+    torch.testing.assert_close(runs[lever][1], runs["eager"][1], **tol)
+    for (k, a), b in zip(runs["eager"][0].state_dict().items(), runs[lever][0].state_dict().values()):
+        torch.testing.assert_close(b, a, **tol, msg=k)
