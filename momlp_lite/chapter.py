@@ -22,11 +22,21 @@ class Chapter:
     generator: torch.Generator
 
 
-def start_chapter(seed: int = 0) -> Chapter:
-    """Read the profile, seed everything, pick the device, set up plotly, and print what ran."""
+def start_chapter(seed: int = 0, cpu_threads: int | None = None) -> Chapter:
+    """Read the profile, seed everything, pick the device, set up plotly, and print what ran.
+
+    On a CPU outside the ``paper`` profile, torch runs with one thread (or ``cpu_threads``): the
+    chapters' tensors are small, and on a shared machine extra threads mostly wait on each other.
+    """
     profile = get_profile()
     generator = seed_everything(seed)
     device = get_device()
+    if cpu_threads is None and device.type == "cpu" and profile.name != "paper":
+        cpu_threads = 1
+    if cpu_threads is not None:
+        if cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
+        torch.set_num_threads(cpu_threads)
     use_book_renderer()
     print("This page ran with", describe_run(device))
     return Chapter(profile, device, seed, generator)

@@ -137,6 +137,8 @@ def describe_run(device: torch.device | None = None) -> str:
     prof = get_profile()
     dev = device or get_device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    if dev.type == "cpu":
+        name += f" ({torch.get_num_threads()} torch threads)"
     return (
         f"profile={prof.name} ({prof.description}); device={name}; "
         f"torch {torch.__version__}; numpy {np.__version__}"
