@@ -1,14 +1,17 @@
-"""Time every chapter under a profile: ``python scripts/time_chapters.py --profile default``.
+"""Time every chapter under a profile, and write the course guide's table of times.
 
-Executes each notebook of ``_toc.yml`` top to bottom with nbclient (as the book build does) and writes
-``results/chapter_times_<profile>.json`` with the device, torch version, date and commit. The course
-guide quotes these numbers.
+    python scripts/time_chapters.py --profile default            # execute each chapter with nbclient
+    python scripts/time_chapters.py --profile default --from-build-log build.log   # reuse a book build's timings
+
+Writes ``results/chapter_times_<profile>.json`` (with device, torch version, date and commit) and regenerates
+``book/_course_times.md`` from every recorded profile.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,8 +23,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from momlp_lite.config import PROFILES, get_device, get_profile  # noqa: E402
 from momlp_lite.results import load_results, write_results  # noqa: E402
-from momlp_lite.config import get_device, get_profile  # noqa: E402
+
+TABLE = ROOT / "book" / "_course_times.md"
+BUILD_LINE = re.compile(r"book/(\w+)\.ipynb: Executed notebook in ([\d.]+) seconds")
 
 
 def chapters() -> list[Path]:
@@ -30,27 +36,79 @@ def chapters() -> list[Path]:
     return [ROOT / f"{f}.ipynb" for f in files if (ROOT / f"{f}.ipynb").exists()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="default")
-    parser.add_argument("--only", nargs="*", help="chapter stems to time (default: all)")
-    args = parser.parse_args()
-    profile = get_profile(args.profile)
-    os.environ["MOMLP_PROFILE"] = profile.name
-    name = f"chapter_times_{profile.name}"
-    times = (load_results(name) or {}).get("chapters", {})
+def execute_all(profile: str, only: list[str] | None) -> dict[str, float]:
+    os.environ["MOMLP_PROFILE"] = profile
+    times = {}
     for path in chapters():
-        if args.only and path.stem not in args.only:
+        if only and path.stem not in only:
             continue
         nb = nbformat.read(path, as_version=4)
         t0 = time.perf_counter()
         nbclient.NotebookClient(
-            nb, timeout=profile.cell_timeout_s, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+            nb,
+            timeout=get_profile(profile).cell_timeout_s,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
         ).execute()
-        seconds = time.perf_counter() - t0
-        times[path.stem] = round(seconds, 1)
-        print(f"{path.stem:32s} {seconds:8.1f} s", flush=True)
-    print("wrote", write_results(name, {"profile": profile.name, "chapters": times}, device=get_device()))
+        times[path.stem] = round(time.perf_counter() - t0, 1)
+        print(f"{path.stem:32s} {times[path.stem]:8.1f} s", flush=True)
+    return times
+
+
+def from_build_log(log: Path) -> dict[str, float]:
+    times = {m.group(1): float(m.group(2)) for m in BUILD_LINE.finditer(log.read_text())}
+    if not times:
+        raise ValueError(f"no 'Executed notebook in' lines in {log}; pass the output of scripts/build_book.py")
+    return times
+
+
+def write_table() -> None:
+    """Markdown table of every recorded profile's chapter times (minutes), for the course guide."""
+    recorded = {p: load_results(f"chapter_times_{p}") for p in PROFILES}
+    recorded = {p: r for p, r in recorded.items() if r}
+    titles = {p.stem: _title(p) for p in chapters()}
+    lines = ["| chapter | " + " | ".join(f"`{p}` profile" for p in recorded) + " |",
+             "| --- |" + " --- |" * len(recorded)]
+    for stem, title in titles.items():
+        cells = [_fmt(r["chapters"].get(stem)) for r in recorded.values()]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for p, r in recorded.items():
+        meta = r.get("meta", {})
+        lines.append(f"`{p}`: measured on {meta.get('device', '?')}, {meta.get('date_utc', '?')[:10]}, "
+                     f"commit `{meta.get('commit', '?')[:10]}`.  ")
+    TABLE.write_text("\n".join(lines) + "\n")
+
+
+def _title(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        m = re.search(r"^# (.+)$", cell.source, re.M) if cell.cell_type == "markdown" else None
+        if m:
+            return m.group(1).strip()
+    return path.stem
+
+
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--only", nargs="*", help="chapter stems to time (default: all)")
+    parser.add_argument("--from-build-log", type=Path, help="read the times from a book build's output")
+    args = parser.parse_args()
+    profile = get_profile(args.profile).name
+    name = f"chapter_times_{profile}"
+    times = (load_results(name) or {}).get("chapters", {})
+    new = from_build_log(args.from_build_log) if args.from_build_log else execute_all(profile, args.only)
+    times.update(new)
+    print("wrote", write_results(name, {"profile": profile, "chapters": times}, device=get_device()))
+    write_table()
+    print("wrote", TABLE)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
-"""Shared pytest setup: tests run on CPU with deterministic seeds; hypothesis kept quick."""
+"""Shared pytest setup: smoke profile, one torch thread, quick hypothesis runs."""
 
 import os
 
+import pytest
 from hypothesis import settings
+
+from momlp_lite.bench import torch_threads
 
 os.environ.setdefault("MOMLP_PROFILE", "smoke")
 settings.register_profile("momlp", max_examples=60, deadline=None)
 settings.load_profile("momlp")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread is fastest and avoids stalls on a shared CPU."""
+    with torch_threads(1):
+        yield

@@ -20,14 +20,6 @@ SHAPES = [
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is fastest and avoids stalls on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def make(L=5, n_in=3, width=7, hidden=2, n_out=2, seed=0, **kw) -> StackedMLP:
     return StackedMLP(L, n_in, width, hidden, n_out, generator=torch.Generator().manual_seed(seed), **kw)
 

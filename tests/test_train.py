@@ -21,14 +21,6 @@ from momlp_lite.train import (
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is fastest and avoids stalls on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def regression_data(n=600, L=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 2, generator=g)
