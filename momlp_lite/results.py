@@ -11,11 +11,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .fileio import atomic_write_bytes
 
 __all__ = ["results_dir", "run_metadata", "write_results", "load_results"]
 
@@ -71,16 +72,7 @@ def write_results(name: str, payload: dict[str, Any], device: torch.device | str
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     doc = {"meta": run_metadata(device), **payload}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, (json.dumps(doc, indent=2, default=float) + "\n").encode())
 
 
 def load_results(name: str, directory: Path | None = None) -> dict[str, Any] | None:

