@@ -14,6 +14,7 @@ theory         approximation-rate constructions and VC-dimension bounds
 softmoe        Soft MoE layer and best-expert-subset selection
 softmoe_tasks  the Soft MoE papers' tasks (the norm task, MNIST patches)
 plots          plotly figures that render in the static book
+live           ipywidgets controls for live exploration (Jupyter, Colab)
 features       frozen feature extractors (pixels, PCA, DINOv2) with an on-disk cache
 classify       linear probe, MoMLP and dense classifiers on features
 store          one file per expert; inference that loads one expert at a time

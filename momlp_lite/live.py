@@ -1,0 +1,47 @@
+"""Live controls for chapters: ipywidgets wired to a drawing function, for Jupyter, JupyterLab and Colab."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+from .plots import BOOK_BUILD_ENV
+
+__all__ = ["live_controls"]
+
+
+def live_controls(
+    rows: Sequence[Sequence[Any]],
+    update: Callable[[], None],
+    draw_now: bool = True,
+) -> Any:
+    """Show rows of ipywidgets above an output area and rerun ``update`` into it on every change.
+
+    A slider or dropdown reruns ``update`` when its value changes, a button when it is pressed;
+    ``update``'s prints and figures replace the area's content. With ``draw_now`` the area is filled
+    once right away — in a live session only: during a book build (``$MOMLP_BOOK_BUILD=1``) the
+    static page cannot run the controls anyway, and drawing into widget outputs there only slows
+    the headless execution down. Returns the ``ipywidgets.Output`` area.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    if not rows or not all(rows):
+        raise ValueError("live_controls needs at least one row of at least one control")
+    out = widgets.Output()
+
+    def refresh(_: Any = None) -> None:
+        with out:
+            out.clear_output(wait=True)
+            update()
+
+    for row in rows:
+        for control in row:
+            if isinstance(control, widgets.Button):
+                control.on_click(refresh)
+            else:
+                control.observe(refresh, names="value")
+    display(widgets.VBox([widgets.HBox(list(row)) for row in rows] + [out]))
+    if draw_now and os.environ.get(BOOK_BUILD_ENV) != "1":
+        refresh()
+    return out
