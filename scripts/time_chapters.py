@@ -75,8 +75,10 @@ def write_table() -> None:
     lines.append("")
     for p, r in recorded.items():
         meta = r.get("meta", {})
+        commit = r.get("measured_commit") or meta.get("commit", "?")
+        note = f" {r['note']}" if r.get("note") else ""
         lines.append(f"`{p}`: measured on {meta.get('device', '?')}, {meta.get('date_utc', '?')[:10]}, "
-                     f"commit `{meta.get('commit', '?')[:10]}`.  ")
+                     f"commit `{commit[:10]}`.{note}  ")
     TABLE.write_text("\n".join(lines) + "\n")
 
 
@@ -100,13 +102,18 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--only", nargs="*", help="chapter stems to time (default: all)")
     parser.add_argument("--from-build-log", type=Path, help="read the times from a book build's output")
+    parser.add_argument("--commit", help="with --from-build-log: the commit that build ran (default: HEAD)")
+    parser.add_argument("--note", default="", help="a remark stored with the times (e.g. machine load)")
     args = parser.parse_args()
     profile = get_profile(args.profile).name
     name = f"chapter_times_{profile}"
     times = (load_results(name) or {}).get("chapters", {})
     new = from_build_log(args.from_build_log) if args.from_build_log else execute_all(profile, args.only)
     times.update(new)
-    print("wrote", write_results(name, {"profile": profile, "chapters": times}, device=get_device()))
+    payload = {"profile": profile, "chapters": times, "note": args.note}
+    if args.commit:
+        payload["measured_commit"] = args.commit
+    print("wrote", write_results(name, payload, device=get_device()))
     write_table()
     print("wrote", TABLE)
 

@@ -107,3 +107,16 @@ def test_notebooks_only_read_what_the_install_provides(path):
             continue
         for pattern, why in FORBIDDEN_READS:
             assert not re.search(pattern, cell.source), f"{path.name} reads {why}: {cell.source[:120]!r}"
+
+
+def test_course_guide_quotes_a_measured_time_for_every_chapter():
+    import json
+
+    times = json.loads((ROOT / "results" / "chapter_times_default.json").read_text())
+    assert times["meta"]["device"] and times["meta"]["commit"]
+    chapters = [f.split("/")[-1] for f in _toc_files() if (ROOT / f"{f}.ipynb").exists()]
+    assert sorted(times["chapters"]) == sorted(chapters)
+    assert all(0 < t < 3600 for t in times["chapters"].values())
+    table = (BOOK / "_course_times.md").read_text()
+    assert table.count("\n| ") == len(chapters) + 1  # one row per chapter below the header
+    assert "{include} _course_times.md" in (BOOK / "course_guide.md").read_text()
