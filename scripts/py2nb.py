@@ -1,6 +1,8 @@
 """Turn a percent-format script (``# %%`` / ``# %% [markdown]`` cells) into a chapter notebook.
 
-Authoring aid: ``python scripts/py2nb.py chapter.py book/chapter.ipynb``. Markdown cells are
+Authoring aid: ``python scripts/py2nb.py chapter.py book/chapter.ipynb``; the reverse,
+``python scripts/py2nb.py --to-script book/chapter.ipynb chapter.py``, recovers the editable script
+from a committed notebook (the two are exact inverses; a test checks every chapter). Markdown cells are
 written as ``# `` comment lines in the script; a cell header may carry JSON options:
 ``# %% tags=["hide-input"]`` keeps the tags, and
 ``# %% figure={"name": "fig-x", "caption": "..."}`` numbers the cell's (single) figure with a caption
@@ -76,12 +78,35 @@ def convert(text: str) -> nbformat.NotebookNode:
     return nb
 
 
+def to_script(nb: nbformat.NotebookNode) -> str:
+    """The percent-format script that :func:`convert` turns back into ``nb`` (install cell left out)."""
+    cells = nb.cells[1:] if nb.cells and nb.cells[0].source == INSTALL_CELL else nb.cells
+    parts = []
+    for cell in cells:
+        options = ""
+        if cell.metadata.get("tags"):
+            options += " tags=" + json.dumps(cell.metadata["tags"], ensure_ascii=False)
+        figure = cell.metadata.get("mystnb", {}).get("figure")
+        if figure:
+            options += " figure=" + json.dumps(figure, ensure_ascii=False)
+        if cell.cell_type == "markdown":
+            body = "\n".join(("# " + ln) if ln else "#" for ln in cell.source.split("\n"))
+            parts.append(f"# %% [markdown]{options}\n{body}\n")
+        else:
+            parts.append(f"# %%{options}\n{cell.source}\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
-    if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/py2nb.py SOURCE.py TARGET.ipynb")
-    nb = convert(Path(sys.argv[1]).read_text())
+    args = sys.argv[1:]
+    if len(args) == 3 and args[0] == "--to-script":
+        Path(args[2]).write_text(to_script(nbformat.read(args[1], as_version=4)))
+        return
+    if len(args) != 2:
+        sys.exit("usage: python scripts/py2nb.py SOURCE.py TARGET.ipynb | --to-script SOURCE.ipynb TARGET.py")
+    nb = convert(Path(args[0]).read_text())
     nbformat.validate(nb)
-    Path(sys.argv[2]).write_text(nbformat.writes(nb) + "\n")
+    Path(args[1]).write_text(nbformat.writes(nb) + "\n")
 
 
 if __name__ == "__main__":

@@ -120,3 +120,13 @@ def test_course_guide_quotes_a_measured_time_for_every_chapter():
     table = (BOOK / "_course_times.md").read_text()
     assert table.count("\n| ") == len(chapters) + 1  # one row per chapter below the header
     assert "{include} _course_times.md" in (BOOK / "course_guide.md").read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_and_its_percent_script_round_trip(path):
+    py2nb = _py2nb()
+    nb = nbformat.read(path, as_version=4)
+    again = py2nb.convert(py2nb.to_script(nb))
+    assert [(c.cell_type, c.source, dict(c.metadata)) for c in again.cells] == [
+        (c.cell_type, c.source, dict(c.metadata)) for c in nb.cells
+    ]
