@@ -222,6 +222,8 @@ class SoftMoEClassifier(nn.Module):
 
     Experts are ``196 → hidden → 196`` without biases; by default ``hidden = max(1, ⌊196·4/n⌋)`` so that
     all experts together hold about ``8·196² ≈ 307K`` weights for every ``n`` (exactly for ``n`` ≤ 16).
+    The router is ``Φ ~ U[-1, 1]`` with raw logits ``XΦ`` (``normalize=False``, the book's reading of the
+    authors' MNIST code); ``normalize=True`` uses Puigcerver et al.'s L2-normalised logits with a learnable scale.
     """
 
     def __init__(
@@ -233,12 +235,19 @@ class SoftMoEClassifier(nn.Module):
         hidden: int | None = None,
         num_classes: int = 10,
         slots_per_expert: int = 1,
+        normalize: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         hidden = max(1, (dim * 4) // num_experts) if hidden is None else hidden
         self.moe = SoftMoE(
-            dim, num_experts, hidden, slots_per_expert=slots_per_expert, phi_init="uniform", generator=generator
+            dim,
+            num_experts,
+            hidden,
+            slots_per_expert=slots_per_expert,
+            normalize=normalize,
+            phi_init="uniform",
+            generator=generator,
         )
         self.head = nn.Linear(tokens * dim, num_classes, bias=False)
         if generator is not None:
