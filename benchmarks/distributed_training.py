@@ -35,8 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from momlp_lite.distributed import compare_stores, torchrun_command  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
+from momlp_lite.distributed.train import compare_stores, torchrun_command  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
 
 
 def make_config(args: argparse.Namespace) -> dict:

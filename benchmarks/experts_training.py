@@ -9,7 +9,7 @@ Modes
 -----
 serial   one ``nn.Sequential`` + one optimizer per expert, stepped one after another (the loop the
          lockstep trainer replaces). Timed on ``--serial-experts`` experts and scaled to L.
-batched  ``StackedMLP`` + :class:`momlp_lite.train.TrainStep` (fused Adam on CUDA).
+batched  ``StackedMLP`` + :class:`momlp_lite.moe.trainer.TrainStep` (fused Adam on CUDA).
 graph    batched, with the whole step captured in a CUDA graph (CUDA only).
 compile  batched, with ``torch.compile`` of forward+loss (CUDA only, opt-in: ``--modes ... compile``).
 dense    one MLP with as many parameters as all L experts, batch L*B (capped by ``--dense-max-batch``).
@@ -38,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from momlp_lite.config import get_device  # noqa: E402
-from momlp_lite.experts import StackedMLP  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
-from momlp_lite.train import TrainConfig, TrainStep  # noqa: E402
+from momlp_lite.runtime import get_device  # noqa: E402
+from momlp_lite.moe.experts import StackedMLP  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
+from momlp_lite.moe.trainer import TrainConfig, TrainStep  # noqa: E402
 
 
 def macs_per_sample(model: StackedMLP) -> int:

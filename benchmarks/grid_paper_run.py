@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from momlp_lite.config import get_device, seed_everything  # noqa: E402
+from momlp_lite.runtime import get_device, seed_everything  # noqa: E402
 from momlp_lite.regression import compare_on_task, comparison_rows, grid_setup, sweep_experts  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

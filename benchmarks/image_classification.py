@@ -24,10 +24,10 @@ from momlp_lite.classify import (  # noqa: E402
     image_setup,
     train_linear_probe,
 )
-from momlp_lite.config import get_device, get_profile, seed_everything  # noqa: E402
+from momlp_lite.runtime import get_device, get_profile, seed_everything  # noqa: E402
 from momlp_lite.data import load_image_data  # noqa: E402
-from momlp_lite.features import compute_features, get_extractor  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
+from momlp_lite.data.features import compute_features, get_extractor  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
 
 
 def main() -> None:

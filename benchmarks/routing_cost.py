@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from momlp_lite import RoutingTree  # noqa: E402
-from momlp_lite.bench import best_time, torch_threads  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
+from momlp_lite.runtime import best_time, torch_threads  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from momlp_lite.config import get_device, get_profile, seed_everything  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
-from momlp_lite.store import memory_vs_experts, serving_setup  # noqa: E402
+from momlp_lite.runtime import get_device, get_profile, seed_everything  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
+from momlp_lite.store.experts import memory_vs_experts, serving_setup  # noqa: E402
 
 
 def main() -> None:

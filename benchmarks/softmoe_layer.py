@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from momlp_lite.bench import best_time, torch_threads  # noqa: E402
-from momlp_lite.config import get_device  # noqa: E402
-from momlp_lite.results import write_results  # noqa: E402
-from momlp_lite.softmoe import SoftMoE, softmoe_forward_expert_loop  # noqa: E402
+from momlp_lite.runtime import best_time, torch_threads  # noqa: E402
+from momlp_lite.runtime import get_device  # noqa: E402
+from momlp_lite.runtime import write_results  # noqa: E402
+from momlp_lite.softmoe.layer import SoftMoE, softmoe_forward_expert_loop  # noqa: E402
 
 TOKENS, DIM = 4, 196  # the MNIST layer: 4 patches of 14 × 14 pixels
 

@@ -1,39 +1,27 @@
 """momlp_lite: Mixture-of-Experts MLPs for the momlp-book.
 
-Modules
--------
-config         run profiles, seeding, device choice
-chapter        start_chapter(): what every chapter runs first
-data           grid data on [a, b]^n, Lipschitz targets, image datasets
-routing        routing trees (regular and recursive k-means)
-sizes          parameter counts and equal-parameter widths
-experts        many MLP experts as stacked weights, run with batched matmuls
-train          Algorithm 2: experts trained independently in lockstep; serial reference; dense baseline
-regression     MoMLP vs dense MLP on grid regression
-theory         approximation-rate constructions and VC-dimension bounds
-softmoe        Soft MoE layer and best-expert-subset selection
-softmoe_tasks  the Soft MoE papers' tasks (the norm task, MNIST patches)
-plots          plotly figures that render in the static book
-live           ipywidgets controls for live exploration (Jupyter, Colab)
-features       frozen feature extractors (pixels, PCA, DINOv2) with an on-disk cache
-classify       linear probe, MoMLP and dense classifiers on features
-store          one file per expert; inference that loads one expert at a time
-runconfig      config files for training runs (validated before any training)
-distributed    train a MoMLP's experts on many processes/machines (torchrun), resumable
-bench          timing helpers; results: recorded results (JSON with device, date, commit)
+Subpackages and modules, by the book's parts
+--------------------------------------------
+runtime      profiles, ``choose``, seeding, device, ``start_chapter``, timing, recorded results
+moe          routing trees, stacked experts, Algorithm 2 trainer and its plain reference, parameter counts
+softmoe      the Soft MoE layer, best-expert-subset selection, the papers' tasks
+data         grid targets on [a, b]^n, image datasets, frozen features
+store        checked files, the expert store (one file per expert, loaded one at a time)
+distributed  run configs, training experts on many processes (torchrun), the ``momlp-train`` CLI
+theory       approximation-rate constructions and VC-dimension bounds
+viz          plotly figures for the static book, ipywidgets controls
 """
 
-from .chapter import Chapter, start_chapter
-from .config import choose, describe_run, get_device, get_profile, seed_everything
 from .data import DatasetUnavailableError, load_image_data
-from .experts import StackedMLP
-from .features import compute_features, get_extractor
-from .routing import RoutingTree
-from .runconfig import ConfigError, RunConfig, load_run_config
-from .softmoe import SoftMoE, expert_subset, set_expert_subset
-from .store import ExpertStore, StoreError
+from .data.features import compute_features, get_extractor
+from .distributed.config import ConfigError, RunConfig, load_run_config
+from .moe.experts import StackedMLP
+from .moe.routing import RoutingTree
+from .moe.trainer import TrainConfig, TrainResult, train_dense, train_experts, train_experts_serial
+from .runtime import Chapter, choose, describe_run, get_device, get_profile, seed_everything, start_chapter
+from .softmoe.layer import SoftMoE, expert_subset, set_expert_subset
+from .store.experts import ExpertStore, StoreError
 from .theory import build_interpolating_momlp, dense_vc_lower, dense_vc_upper, momlp_vc_bound, plan_construction
-from .train import TrainConfig, TrainResult, train_dense, train_experts, train_experts_serial
 
 __version__ = "0.1.0"
 

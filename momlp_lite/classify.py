@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import choose, get_device
-from .experts import StackedMLP
+from .runtime import choose, get_device
+from .moe.experts import StackedMLP
 from .regression import dense_config
-from .routing import RoutingTree
-from .train import TrainConfig, TrainResult, train_experts
+from .moe.routing import RoutingTree
+from .moe.trainer import TrainConfig, TrainResult, train_experts
 
 __all__ = [
     "IMAGE_TRAIN_CONFIG",

@@ -15,11 +15,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import get_device
+from .runtime import get_device
 from .data import GridData, make_grid_data
-from .experts import StackedMLP
-from .routing import RoutingTree
-from .train import TrainConfig, TrainResult, train_dense, train_experts
+from .moe.experts import StackedMLP
+from .moe.routing import RoutingTree
+from .moe.trainer import TrainConfig, TrainResult, train_dense, train_experts
 
 __all__ = [
     "FitReport",
@@ -225,7 +225,7 @@ def grid_setup(profile: str | None = None) -> GridSetup:
     ``paper`` is Kratsios et al.'s setting: width 1000, 3 hidden layers, learnable PReLU, Adam lr 1e-4.
     The smaller profiles use a larger learning rate (3e-3 / 1e-3) to fit in seconds or minutes.
     """
-    from .config import choose
+    from .runtime import choose
 
     targets_small = ("sine", "weierstrass")
     targets_all = ("distance", "ridge", "sine", "weierstrass")

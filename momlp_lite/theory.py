@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from .data import Target, get_target
-from .routing import RoutingTree
-from .sizes import _check_sizes, mlp_parameter_count
+from .moe.routing import RoutingTree
+from .moe.sizes import _check_sizes, mlp_parameter_count
 
 __all__ = [
     "check_eps",

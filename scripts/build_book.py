@@ -20,8 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from momlp_lite.config import get_profile  # noqa: E402
-from momlp_lite.plots import BOOK_BUILD_ENV  # noqa: E402
+from momlp_lite.runtime import get_profile  # noqa: E402
+from momlp_lite.viz.figures import BOOK_BUILD_ENV  # noqa: E402
 
 
 def ship_plotly_js() -> Path:

@@ -23,8 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from momlp_lite.config import PROFILES, get_device, get_profile  # noqa: E402
-from momlp_lite.results import load_results, write_results  # noqa: E402
+from momlp_lite.runtime import PROFILES, get_device, get_profile  # noqa: E402
+from momlp_lite.runtime import load_results, write_results  # noqa: E402
 
 TABLE = ROOT / "book" / "_course_times.md"
 BUILD_LINE = re.compile(r"book/(\w+)\.ipynb: Executed notebook in ([\d.]+) seconds")

@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import settings
 
-from momlp_lite.bench import torch_threads
+from momlp_lite.runtime import torch_threads
 
 os.environ.setdefault("MOMLP_PROFILE", "smoke")
 settings.register_profile("momlp", max_examples=60, deadline=None)

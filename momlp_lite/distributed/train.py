@@ -49,12 +49,12 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from .config import get_device
-from .data import make_grid_data
-from .experts import StackedMLP
-from .routing import RoutingTree
-from .runconfig import ConfigError, RunConfig, load_run_config
-from .store import (
+from ..runtime import get_device
+from ..data import make_grid_data
+from ..moe.experts import StackedMLP
+from ..moe.routing import RoutingTree
+from ..distributed.config import ConfigError, RunConfig, load_run_config
+from ..store.experts import (
     StoreError,
     atomic_write_bytes,
     is_temporary_file,
@@ -63,7 +63,7 @@ from .store import (
     tensor_checksum,
     write_manifest,
 )
-from .train import TrainConfig, train_experts
+from ..moe.trainer import TrainConfig, train_experts
 
 __all__ = [
     "Workers",

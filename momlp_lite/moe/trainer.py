@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import get_device
-from .experts import StackedMLP
+from ..runtime import get_device
+from ..moe.experts import StackedMLP
 
 __all__ = [
     "TrainConfig",

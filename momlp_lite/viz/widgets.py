@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from .plots import BOOK_BUILD_ENV
+from ..viz.figures import BOOK_BUILD_ENV
 
 __all__ = ["live_controls"]
 

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import get_device
-from .data import ImageData, ImageSplit, data_root
-from .store import StoreError, load_expert_file, save_expert_file
+from ..runtime import get_device
+from ..data import ImageData, ImageSplit, data_root
+from ..store.experts import StoreError, load_expert_file, save_expert_file
 
 __all__ = [
     "ExtractorUnavailableError",

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sizes import dense_width_for_parameters, mlp_parameter_count
+from ..moe.sizes import dense_width_for_parameters, mlp_parameter_count
 
 __all__ = ["StackedMLP", "ExpertConfig"]
 

@@ -36,11 +36,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .config import choose, get_device
-from .experts import StackedMLP
-from .fileio import TMP_MARK as _TMP_MARK  # noqa: F401 - tests and callers name leftover temp files with it
-from .fileio import atomic_write_bytes, is_temporary_file
-from .routing import RoutingTree
+from ..runtime import choose, get_device
+from ..moe.experts import StackedMLP
+from ..store.files import TMP_MARK as _TMP_MARK  # noqa: F401 - tests and callers name leftover temp files with it
+from ..store.files import atomic_write_bytes, is_temporary_file
+from ..moe.routing import RoutingTree
 
 __all__ = [
     "StoreError",

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import PROFILES, get_profile
-from .data import TARGETS
+from ..runtime import PROFILES, get_profile
+from ..data import TARGETS
 
 __all__ = [
     "ConfigError",

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
 
-from .routing import RoutingTree
+from ..moe.routing import RoutingTree
 
 __all__ = [
     "BOOK_BUILD_ENV",

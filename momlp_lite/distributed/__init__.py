@@ -1,0 +1,1 @@
+"""Run configs and training a MoMLP's experts on many processes (torchrun)."""

@@ -1,0 +1,276 @@
+"""Runtime: profiles, seeding, device, the chapter start, timing and recorded results.
+
+A *profile* sizes every experiment in the book:
+
+``smoke``
+    what CI and nbval run: tiny sizes, seconds per chapter, offline data only.
+``default``
+    what the rendered book shows and a reader runs on a laptop or Colab.
+``paper``
+    the papers' hyperparameters, meant for a GPU.
+
+The profile is read from the ``MOMLP_PROFILE`` environment variable (default ``default``).
+Recorded results are JSON files written atomically with device, date and commit; chapters read
+them to show what a longer run measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+from .store.files import atomic_write_bytes
+
+__all__ = [
+    "PROFILES", "Profile", "get_profile", "choose", "seed_everything", "get_device", "describe_run",
+    "Chapter", "start_chapter", "best_time", "torch_threads",
+    "results_dir", "run_metadata", "write_results", "load_results",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named run profile.
+
+    Attributes
+    ----------
+    name : str
+        ``smoke``, ``default`` or ``paper``.
+    cell_timeout_s : int
+        Longest a single notebook cell may run when the book is built under this profile.
+    description : str
+        One line for humans.
+    """
+
+    name: str
+    cell_timeout_s: int
+    description: str
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", 120, "tiny sizes for CI: seconds per chapter, offline data only"),
+    "default": Profile("default", 900, "laptop/Colab sizes: minutes per chapter on a CPU"),
+    "paper": Profile("paper", 7200, "the papers' hyperparameters: meant for a GPU"),
+}
+
+PROFILE_ENV = "MOMLP_PROFILE"
+DEVICE_ENV = "MOMLP_DEVICE"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the profile called ``name``, or the one named by ``$MOMLP_PROFILE`` (default ``default``).
+
+    Raises
+    ------
+    ValueError
+        If the name is not one of ``smoke``, ``default``, ``paper``.
+    """
+    if name is None:
+        name = os.environ.get(PROFILE_ENV, "default").strip() or "default"
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown profile {name!r}: set {PROFILE_ENV} to one of {sorted(PROFILES)}"
+        ) from None
+
+
+def choose(*, smoke: T, default: T, paper: T, profile: str | Profile | None = None) -> T:
+    """Pick the value that belongs to the current profile.
+
+    Examples
+    --------
+    >>> choose(smoke=8, default=64, paper=1000, profile="smoke")
+    8
+    """
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    return {"smoke": smoke, "default": default, "paper": paper}[prof.name]
+
+
+def seed_everything(seed: int = 0) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a fresh seeded ``torch.Generator``."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    torch.manual_seed(int(seed))
+    return torch.Generator().manual_seed(int(seed))
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """Choose a device: ``prefer`` or ``$MOMLP_DEVICE`` if given, else cuda → mps → cpu.
+
+    Raises
+    ------
+    ValueError
+        If the requested device is not available on this machine.
+    """
+    prefer = prefer or os.environ.get(DEVICE_ENV) or None
+    if prefer is not None:
+        dev = torch.device(prefer)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {prefer!r} requested but CUDA is not available; use 'cpu'")
+        if dev.type == "mps" and not _mps_available():
+            raise ValueError(f"device {prefer!r} requested but MPS is not available; use 'cpu'")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    backend: Any = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def describe_run(device: torch.device | None = None) -> str:
+    """One line naming the profile, device and library versions, for the top of a chapter."""
+    prof = get_profile()
+    dev = device or get_device()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    if dev.type == "cpu":
+        name += f" ({torch.get_num_threads()} torch threads)"
+    return (
+        f"profile={prof.name} ({prof.description}); device={name}; "
+        f"torch {torch.__version__}; numpy {np.__version__}"
+    )
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """The run settings a chapter reads once, near its top."""
+
+    profile: Profile
+    device: torch.device
+    seed: int
+    generator: torch.Generator
+
+
+def start_chapter(seed: int = 0, cpu_threads: int | None = None) -> Chapter:
+    """Read the profile, seed everything, pick the device, set up plotly, and print what ran.
+
+    On a CPU outside the ``paper`` profile, torch runs with one thread (or ``cpu_threads``): the
+    chapters' tensors are small, and on a shared machine extra threads mostly wait on each other.
+    """
+    profile = get_profile()
+    generator = seed_everything(seed)
+    device = get_device()
+    if cpu_threads is None and device.type == "cpu" and profile.name != "paper":
+        cpu_threads = 1
+    if cpu_threads is not None:
+        if cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {cpu_threads}")
+        torch.set_num_threads(cpu_threads)
+    from .viz.figures import use_book_renderer
+
+    use_book_renderer()
+    print("This page ran with", describe_run(device))
+    return Chapter(profile, device, seed, generator)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads (1 keeps CPU timings stable on busy machines)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Best wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronised)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+RESULTS_ENV = "MOMLP_RESULTS_DIR"
+
+
+def results_dir() -> Path:
+    """``$MOMLP_RESULTS_DIR``, else ``results/`` at the repository root next to the package."""
+    env = os.environ.get(RESULTS_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "results"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Who/where/when of a run: device name, torch version, UTC date, git commit, host CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)"
+    return {
+        "device": name,
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], device: torch.device | str | None = None,
+                  directory: Path | None = None) -> Path:
+    """Write ``payload`` plus :func:`run_metadata` to ``<results>/<name>.json`` atomically; return the path."""
+    folder = Path(directory) if directory is not None else results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    doc = {"meta": run_metadata(device), **payload}
+    return atomic_write_bytes(path, (json.dumps(doc, indent=2, default=float) + "\n").encode())
+
+
+def load_results(name: str, directory: Path | None = None) -> dict[str, Any] | None:
+    """The recorded ``<results>/<name>.json``, or ``None`` when none has been recorded."""
+    path = (Path(directory) if directory is not None else results_dir()) / f"{name}.json"
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        return json.load(fh)

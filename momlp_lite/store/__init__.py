@@ -1,0 +1,1 @@
+"""Checked files and the expert store: one file per expert, loaded one at a time."""

@@ -1,0 +1,1 @@
+"""Plotly figures for the static book and ipywidgets controls for live exploration."""
