@@ -293,3 +293,50 @@ def test_bad_input_gives_clear_errors():
         top_k_gate(torch.zeros(4, 2), 3)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 1, got 0"):
         expert_capacity(0, 4, 1.0)
+
+
+# ------------------------------------------------------------------ the tiny ViT (momlp_lite.moe.transformer)
+@pytest.mark.parametrize("kind", ["dense", "top1", "top2", "expert_choice", "soft"])
+def test_tiny_vit_counts_and_trains_every_ffn_kind(kind):
+    from momlp_lite.moe.transformer import TinyViT, ffn_parameters, make_ffn
+
+    d, h, n = 8, 12, 4
+    g = torch.Generator().manual_seed(0)
+    ffn = make_ffn(kind, d, h, n, generator=g)
+    model = TinyViT([make_ffn("dense", d, h, generator=g), ffn], d, heads=2, patch=7)
+    expert = 2 * d * h + h + d
+    want = {"dense": (expert, expert), "top1": (d * n + n * expert, d * n + expert),
+            "top2": (d * n + n * expert, d * n + 2 * expert), "expert_choice": (d * n + n * expert, d * n + expert),
+            "soft": (d * n + 1 + n * 2 * d * h,) * 2}[kind]
+    assert ffn_parameters(ffn) == want
+    total, active = model.parameter_counts()
+    assert total == sum(p.numel() for p in model.parameters())
+    assert total - active == want[0] - want[1]
+    images = torch.rand(3, 1, 28, 28, generator=g)
+    out = model(images)
+    assert out.shape == (3, 10)
+    (out.square().mean() + model.aux_loss(alpha=0.01, beta=0.001)).backward()
+    router = getattr(ffn, "router", getattr(ffn, "phi", None))
+    if router is not None:
+        assert router.grad is not None and float(router.grad.abs().sum()) > 0
+
+
+def test_dropped_tokens_pass_through_the_residual():
+    from momlp_lite.moe.transformer import _Block, make_ffn
+
+    ffn = make_ffn("top1", 6, 5, 3, capacity_factor=0.34, generator=torch.Generator().manual_seed(1))
+    block = _Block(6, 2, ffn)
+    x = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(2))
+    y = block(x)
+    h = block.ln1(x)
+    after_attn = x + block.attn(h, h, h, need_weights=False)[0]
+    ffn_out = (y - after_attn).reshape(-1, 6)
+    dropped = ffn_out.abs().sum(dim=1) == 0
+    assert ffn.last_aux["dropped"] > 0 and int(dropped.sum()) == round(ffn.last_aux["dropped"] * 18)
+
+
+def test_make_ffn_rejects_unknown_kind():
+    from momlp_lite.moe.transformer import make_ffn
+
+    with pytest.raises(ValueError, match=r"kind must be one of .*got 'top3'"):
+        make_ffn("top3", 4, 4, 2)
