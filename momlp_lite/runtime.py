@@ -42,6 +42,16 @@ __all__ = [
 T = TypeVar("T")
 
 
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an integer >= 1, else raise ``ValueError: name must be an integer >= 1, got ...``.
+
+    Taught in: no chapter (the package's one positive-integer check; used by book/learned_gates' layers).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Profile:
     """A named run profile.
