@@ -36,10 +36,17 @@ from .store.files import atomic_write_bytes
 __all__ = [
     "PROFILES", "Profile", "get_profile", "choose", "seed_everything", "get_device", "describe_run",
     "Chapter", "start_chapter", "best_time", "torch_threads",
-    "results_dir", "run_metadata", "write_results", "load_results",
+    "results_dir", "run_metadata", "write_results", "load_results", "check_positive_int",
 ]
 
 T = TypeVar("T")
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an ``int`` if it is an integer >= 1, else raise ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
