@@ -61,7 +61,7 @@ def _greedy_leaf(tree: SoftTreeMoE, x: torch.Tensor) -> list[int]:
         node = 0
         for level in range(tree.depth):
             heap = 2**level - 1 + node
-            z = float(x[i] @ tree.node_weight[heap] + tree.node_bias[heap])
+            z = float((x[i] @ tree.node_weight[heap] + tree.node_bias[heap]).detach())
             node = 2 * node + (1 if z > 0 else 0)
         out.append(node)
     return out
