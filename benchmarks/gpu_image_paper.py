@@ -7,7 +7,7 @@ keeps it). The chapter measures feature extraction and training and writes
 ``results/image_paper_<dataset>.json`` itself. Datasets without files are skipped with a line
 saying what is missing. The lead's GPU script can call :func:`run` (it returns the datasets run).
 
-    MOMLP_DATA=/data python benchmarks/gpu_image_paper.py [--timeout 540] [cifar10 ...]
+    MOMLP_DATA=/data python benchmarks/gpu_image_paper.py [--timeout SECONDS] [cifar10 ...]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from momlp_lite.data import IMAGE_DATASETS, PAPER_DATASETS, data_root  # noqa: E402
 from momlp_lite.data.features import dinov2_files  # noqa: E402
+from momlp_lite.runtime import get_profile  # noqa: E402
 
 CHAPTER = ROOT / "book" / "image_classification.ipynb"
 # the file torchvision's loader checks first for each dataset, relative to its folder
@@ -51,8 +52,11 @@ def paper_notebook(datasets: list[str], extra: str = ""):
     return nb
 
 
-def run(datasets: list[str] | None = None, timeout_s: int = 540) -> list[str]:
-    """Execute the chapter under the paper profile for the datasets present; print a line per skipped one."""
+def run(datasets: list[str] | None = None, timeout_s: int | None = None) -> list[str]:
+    """Execute the chapter under the paper profile for the datasets present; print a line per skipped one.
+
+    ``timeout_s`` bounds each notebook cell (default: the paper profile's cell timeout).
+    """
     todo = []
     for name in datasets or list(PAPER_DATASETS):
         why = missing_files(name)
@@ -67,6 +71,7 @@ def run(datasets: list[str] | None = None, timeout_s: int = 540) -> list[str]:
 
     os.environ["MOMLP_PROFILE"] = "paper"
     nb = paper_notebook(todo)
+    timeout_s = timeout_s or get_profile("paper").cell_timeout_s
     start = time.perf_counter()
     NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "book")}}).execute()
     print(f"image paper run: {', '.join(todo)} in {time.perf_counter() - start:.0f} s; "
@@ -77,6 +82,6 @@ def run(datasets: list[str] | None = None, timeout_s: int = 540) -> list[str]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datasets", nargs="*", help=f"some of {PAPER_DATASETS} (default: all)")
-    parser.add_argument("--timeout", type=int, default=540, help="seconds per notebook cell")
+    parser.add_argument("--timeout", type=int, default=None, help="seconds per notebook cell (default: the profile's)")
     args = parser.parse_args()
     run(args.datasets or None, args.timeout)
