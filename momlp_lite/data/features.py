@@ -1,22 +1,20 @@
 """Frozen features for image classification, computed once and cached on disk.
 
-Kratsios et al. classify CIFAR-10/100 and Food-101 with MoMLP heads on *frozen* backbone
-features, following Oquab et al. (DINOv2). A :class:`FeatureExtractor` maps float image batches
-``[B, C, H, W]`` in [0, 1] to vectors ``[B, d]``:
+Kratsios et al. classify CIFAR-10/100 and Food-101 with MoMLP heads on *frozen* backbone features,
+following Oquab et al. (DINOv2). A :class:`FeatureExtractor` maps float image batches ``[B, C, H, W]``
+in [0, 1] to vectors ``[B, d]``: :class:`DINOv2Features` (a ``torch.hub`` backbone; offline it raises
+:class:`ExtractorUnavailableError`, never falls back), :class:`PixelFeatures` (standardized pixels) and
+:class:`PCAFeatures` (their top principal components). :func:`compute_features` runs one over both
+splits with a progress bar and caches the result as checked safetensors files keyed by dataset tag,
+extractor key and split, written atomically.
 
-* :class:`DINOv2Features` — a DINOv2 backbone from ``torch.hub`` (needs to download it once);
-  offline it raises :class:`ExtractorUnavailableError`, never falls back silently;
-* :class:`PixelFeatures` — standardised pixels (per-pixel mean/std of the training images);
-* :class:`PCAFeatures` — standardised pixels projected on their top principal components.
-
-:func:`compute_features` runs an extractor over both splits in batches (with a progress bar) and
-caches the result as checked safetensors files keyed by dataset tag + extractor key + split,
-written atomically (:func:`momlp_lite.store.save_expert_file`).
+Taught in: book/image_classification.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..runtime import get_device
-from ..data import ImageData, ImageSplit, data_root
+from .images import ImageData, ImageSplit, data_root
 from ..store.experts import StoreError, load_expert_file, save_expert_file
 
 __all__ = [
@@ -35,6 +33,7 @@ __all__ = [
     "PixelFeatures",
     "PCAFeatures",
     "DINOv2Features",
+    "dinov2_files",
     "get_extractor",
     "FeatureSet",
     "feature_cache_path",
@@ -43,11 +42,17 @@ __all__ = [
 
 
 class ExtractorUnavailableError(RuntimeError):
-    """A feature extractor's weights cannot be had on this machine; the message says what to do."""
+    """A feature extractor's weights cannot be had on this machine; the message says what to do.
+
+    Taught in: book/image_classification.
+    """
 
 
 class FeatureExtractor:
-    """Base class: ``fit`` on training images (if needed), then call on image batches."""
+    """Base class: ``fit`` on training images (if needed), then call on image batches.
+
+    Taught in: book/image_classification.
+    """
 
     key: str = "base"
     needs_fit: bool = False
@@ -65,9 +70,10 @@ class FeatureExtractor:
 
 
 class PixelFeatures(FeatureExtractor):
-    """Flattened pixels, standardised with the training set's per-pixel mean and std.
+    """Flattened pixels, standardized with the training set's per-pixel mean and std.
 
-    Pixels that never vary in training (std below ``eps``) are only centred.
+    Pixels that never vary in training (std below ``eps``) are only centered.
+    Taught in: book/image_classification.
     """
 
     needs_fit = True
@@ -118,6 +124,7 @@ class PCAFeatures(FeatureExtractor):
     """Standardised pixels projected on the top ``n_components`` principal components of the training set.
 
     The covariance is accumulated batch by batch (float64), so any dataset size fits in memory.
+    Taught in: book/image_classification.
     """
 
     needs_fit = True
@@ -167,15 +174,27 @@ class PCAFeatures(FeatureExtractor):
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
+DINOV2_REPO = "facebookresearch/dinov2"
+
+
+def dinov2_files(model: str = "dinov2_vits14") -> tuple[Path, Path]:
+    """Where ``torch.hub`` keeps DINOv2's code and ``model``'s weights: ``(code folder, weights file)``.
+
+    Taught in: book/image_classification.
+    """
+    hub = Path(torch.hub.get_dir())
+    return hub / "facebookresearch_dinov2_main", hub / "checkpoints" / f"{model}_pretrain.pth"
 
 
 class DINOv2Features(FeatureExtractor):
     """A frozen DINOv2 backbone from ``torch.hub`` (Oquab et al. 2023): the class-token embedding.
 
-    Images are resized to ``image_size`` (a multiple of the 14-pixel patch), grey images are
-    repeated to three channels, and ImageNet normalisation is applied, as in DINOv2's linear
-    evaluation. The weights are fetched by ``torch.hub`` the first time (into ``torch.hub.get_dir()``);
-    on a machine that cannot download them this raises :class:`ExtractorUnavailableError`.
+    Images are resized (bicubic) to ``image_size``, a multiple of the 14-pixel patch, grey images are
+    repeated to three channels, and the ImageNet mean/std are applied, as in DINOv2's linear
+    evaluation. When the code folder of :func:`dinov2_files` exists it is loaded from there
+    (``source="local"``, no network); otherwise ``torch.hub`` fetches code and weights. Where neither
+    works this raises :class:`ExtractorUnavailableError` naming both files and where they go.
+    Taught in: book/image_classification.
     """
 
     def __init__(self, model: str = "dinov2_vits14", image_size: int = 224, device: torch.device | str | None = None) -> None:
@@ -185,13 +204,18 @@ class DINOv2Features(FeatureExtractor):
         self.image_size = int(image_size)
         self.key = f"{model}-{image_size}"
         self.device = torch.device(device) if device is not None else get_device()
+        code, weights = dinov2_files(model)
         try:
-            net = torch.hub.load("facebookresearch/dinov2", model, trust_repo=True)
+            if (code / "hubconf.py").is_file():
+                net = torch.hub.load(str(code), model, source="local")
+            else:
+                net = torch.hub.load(DINOV2_REPO, model, trust_repo=True)
         except Exception as exc:  # network errors, missing cache, unknown model name, ...
             raise ExtractorUnavailableError(
-                f"could not load DINOv2 {model!r} through torch.hub ({type(exc).__name__}: {exc}). "
-                f"Run this once on a machine with internet (the weights are cached in {torch.hub.get_dir()!r}) "
-                "and copy that folder here, or use an offline extractor: PixelFeatures() or PCAFeatures(k)."
+                f"could not load DINOv2 {model!r} through torch.hub ({type(exc).__name__}: {exc}). To fix it, run "
+                f"torch.hub.load({DINOV2_REPO!r}, {model!r}) once on a machine with internet and copy what it "
+                f"writes here: the code to {str(code)!r} and the weights to {str(weights)!r} (set $TORCH_HOME to "
+                "move both). Offline, choose another extractor explicitly: PixelFeatures() or PCAFeatures(k)."
             ) from exc
         self.net = net.eval().to(self.device)
         for p in self.net.parameters():
@@ -218,7 +242,10 @@ class DINOv2Features(FeatureExtractor):
 
 
 def get_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
-    """Build an extractor by name: ``"pixels"``, ``"pca"`` (``n_components=``) or ``"dinov2"`` (``model=``)."""
+    """Build an extractor by name: ``"pixels"``, ``"pca"`` (``n_components=``) or ``"dinov2"`` (``model=``).
+
+    Taught in: book/image_classification.
+    """
     makers = {"pixels": PixelFeatures, "pca": PCAFeatures, "dinov2": DINOv2Features}
     try:
         return makers[name](**kwargs)
@@ -228,7 +255,11 @@ def get_extractor(name: str, **kwargs: Any) -> FeatureExtractor:
 
 @dataclass
 class FeatureSet:
-    """Features ``[N, d]`` (float32, CPU) and labels ``[N]`` of both splits."""
+    """Features ``[N, d]`` (float32, CPU) and labels ``[N]`` of both splits.
+
+    ``seconds`` is the measured wall time of fitting and extracting (0 when both splits came from
+    the cache), ``images`` how many images were extracted in that time. Taught in: book/image_classification.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -238,6 +269,8 @@ class FeatureSet:
     dataset: str
     extractor: str
     cached: bool  # True when both splits came from the cache
+    seconds: float = 0.0
+    images: int = 0
 
     @property
     def dim(self) -> int:
@@ -249,7 +282,7 @@ class FeatureSet:
 
 
 def feature_cache_path(cache_dir: str | os.PathLike[str], dataset_tag: str, extractor_key: str, split: str) -> Path:
-    """``<cache_dir>/<dataset tag>__<extractor key>__<split>.safetensors``."""
+    """``<cache_dir>/<dataset tag>__<extractor key>__<split>.safetensors``. Taught in: book/image_classification."""
     for what, value in [("dataset tag", dataset_tag), ("extractor key", extractor_key), ("split", split)]:
         if not value or any(c in value for c in "/\\\0") or value.startswith("."):
             raise ValueError(f"{what} {value!r} cannot be part of a file name")
@@ -271,10 +304,11 @@ def _read_cache(path: Path, split: ImageSplit, meta_want: dict[str, str]) -> tor
 
 
 @torch.no_grad()
-def _extract(extractor: FeatureExtractor, split: ImageSplit, batch_size: int, device: torch.device, desc: str, progress: bool) -> torch.Tensor:
+def _extract(extractor: FeatureExtractor, split: ImageSplit, batch_size: int, device: torch.device, desc: str,
+             progress: bool, num_workers: int) -> torch.Tensor:
     out = []
     total = -(-len(split) // batch_size)
-    for xb in tqdm(split.batches(batch_size), total=total, desc=desc, disable=not progress, leave=False):
+    for xb in tqdm(split.batches(batch_size, num_workers), total=total, desc=desc, disable=not progress, leave=False):
         out.append(extractor(xb.to(device)).to("cpu", torch.float32))
     return torch.cat(out)
 
@@ -286,6 +320,7 @@ def compute_features(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> FeatureSet:
     """Features of both splits of ``data``, from the cache when there, else computed once and cached.
 
@@ -295,7 +330,11 @@ def compute_features(
         Where cached features live (default ``data_root() / "features"``); ``False`` disables caching.
         A cache file that is corrupted, truncated or belongs to other images is recomputed and replaced.
     device : device, optional
-        Where the extractor runs (default :func:`momlp_lite.config.get_device`); results are on CPU.
+        Where the extractor runs (default :func:`momlp_lite.runtime.get_device`); results are on CPU.
+    num_workers : int
+        Processes decoding lazily read images (Food-101's JPEGs); 0 decodes in this process.
+
+    Taught in: book/image_classification.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -308,14 +347,16 @@ def compute_features(
         metas[name] = {"dataset": data.tag, "extractor": extractor.key, "split": name, "count": str(len(split))}
         feats[name] = None if folder is None else _read_cache(feature_cache_path(folder, data.tag, extractor.key, name), split, metas[name])
     cached = all(f is not None for f in feats.values())
+    start, extracted = time.perf_counter(), 0
     if not cached:
         if extractor.needs_fit:
             extractor.fit(data.train, batch_size)
         extractor.to(dev)
         for name, split in splits.items():
             if feats[name] is None:
-                x = _extract(extractor, split, batch_size, dev, f"{extractor.key} features ({name})", progress)
-                feats[name] = x
+                x = _extract(extractor, split, batch_size, dev, f"{extractor.key} features ({name})", progress,
+                             num_workers)
+                feats[name], extracted = x, extracted + len(x)
                 if folder is not None:
                     save_expert_file(
                         feature_cache_path(folder, data.tag, extractor.key, name),
@@ -324,4 +365,6 @@ def compute_features(
                     )
     x_train, x_test = feats["train"], feats["test"]
     assert x_train is not None and x_test is not None
-    return FeatureSet(x_train, data.train.labels.cpu(), x_test, data.test.labels.cpu(), list(data.classes), data.tag, extractor.key, cached)
+    seconds = time.perf_counter() - start if not cached else 0.0
+    return FeatureSet(x_train, data.train.labels.cpu(), x_test, data.test.labels.cpu(), list(data.classes), data.tag,
+                      extractor.key, cached, seconds, extracted)
