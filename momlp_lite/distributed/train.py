@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -191,11 +192,13 @@ def _train_group(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, leaf: torch.T
             continue
         bad = {}
         for j, i in enumerate(res.expert_ids):
+            last = int(res.stop_step[j]) if int(res.stop_step[j]) >= 0 else res.eval_steps[-1]
+            seen = [e for e, step in enumerate(res.eval_steps) if 0 < step <= last]  # evaluations while it trained
+            losses = [res.train_loss[seen, j], res.val_loss[seen, j] if int(res.n_val[j]) else []]
             state = model.expert_state(i)
-            if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
-                bad[i] = "non-finite weights after training"
-            elif int(res.n_val[j]) > 0 and not math.isfinite(float(res.best_val[j])):
-                bad[i] = "validation loss never finite (NaN or inf in the data, or train.lr too large)"
+            if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()) \
+                    or not all(np.isfinite(v).all() for v in losses):
+                bad[i] = "its loss became non-finite (NaN or inf in the data, or train.lr too large)"
             else:
                 info[i] = {"trained": "yes", "n_train": str(int(res.n_train[j])), "n_val": str(int(res.n_val[j])),
                            "best_val_loss": json.dumps(float(res.best_val[j]) if int(res.n_val[j]) else None),

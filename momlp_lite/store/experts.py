@@ -228,8 +228,9 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
     with store_lock(folder):
         if tree is not None:
             doc["routing_tree"] = save_tree(folder, tree, tree_meta)
-        gone = [e.get("file") for e in doc.get("experts", {}).values()
-                if isinstance(e, dict) and not (folder / str(e.get("file"))).is_file()]
+        named = [e["file"] for e in (doc["experts"].values() if isinstance(doc.get("experts"), dict) else [])
+                 if isinstance(e, dict) and isinstance(e.get("file"), str)]
+        gone = [f for f in named if not _contained(folder, f, "experts").is_file()]
         if gone:
             raise _Gone(f"expert files {gone[:5]} disappeared before the commit (another writer's clean-up?); "
                         "save again")
@@ -237,10 +238,9 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
         start = time.time() if holder_start is None else holder_start
         remove_abandoned_temporaries([folder, folder / EXPERT_DIR], start)
         if not other_live_writers(folder):
-            keep = {doc.get("routing_tree", {}).get("file")}
-            keep |= {e.get("file") for e in doc.get("experts", {}).values() if isinstance(e, dict)}
-            named = [*folder.glob(f"{TREE_PREFIX}.*.safetensors"), *(folder / EXPERT_DIR).glob("expert_*.safetensors")]
-            for p in named:
+            keep = {doc.get("routing_tree", {}).get("file"), *named}
+            files = [*folder.glob(f"{TREE_PREFIX}.*.safetensors"), *(folder / EXPERT_DIR).glob("expert_*.safetensors")]
+            for p in files:
                 if p.relative_to(folder).as_posix() not in keep and p.stat().st_mtime < start:
                     p.unlink(missing_ok=True)
     return out
