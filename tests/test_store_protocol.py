@@ -23,7 +23,7 @@ from momlp_lite.distributed.train import CRASH_ENV
 from momlp_lite.moe.experts import StackedMLP
 from momlp_lite.moe.routing import RoutingTree
 from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, expert_files, save_expert_file
-from momlp_lite.store.files import _HOST, is_temporary_file
+from momlp_lite.store.files import HOST, is_temporary_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 20
@@ -135,11 +135,11 @@ def test_cli_run_keeps_a_live_writers_files(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "out"
     (out / "experts").mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    abandoned = out / "experts" / f".expert_00007.x.safetensors.tmp-{int(dead.stdout)}@{_HOST}@zz"
+    abandoned = out / "experts" / f".expert_00007.x.safetensors.tmp-{int(dead.stdout)}@{HOST}@zz"
     abandoned.write_bytes(b"left by a killed writer")
     ready, go = tmp_path / "ready", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": SRC}
-    other = subprocess.Popen([sys.executable, "-c", _MID_WRITE, str(out), _HOST, str(ready), str(go)], env=env)
+    other = subprocess.Popen([sys.executable, "-c", _MID_WRITE, str(out), HOST, str(ready), str(go)], env=env)
     try:
         for _ in range(600):
             if ready.exists():
@@ -172,7 +172,7 @@ def test_temp_files_name_their_writer_and_host(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(os, "replace", spy)
     save_expert_file(tmp_path / "e.safetensors", {"w": torch.zeros(2)})
-    assert seen and f".tmp-{os.getpid()}@{_HOST}@" in seen[0]
+    assert seen and f".tmp-{os.getpid()}@{HOST}@" in seen[0]
 
 
 # ---------------------------------------------------------------------------- byte-identical records

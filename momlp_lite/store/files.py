@@ -25,12 +25,12 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 
 __all__ = ["TMP_MARK", "StoreError", "atomic_write_bytes", "fsync_dir", "is_temporary_file", "store_lock",
-           "writing", "other_live_writers", "temporary_abandoned", "remove_abandoned_temporaries", "pid_alive"]
+           "HOST", "writing", "other_live_writers", "temporary_abandoned", "remove_abandoned_temporaries", "pid_alive"]
 
 TMP_MARK = ".tmp-"
 LOCK_NAME = ".store.lock"
 WRITERS_DIR = ".writers"
-_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 _OWNER = re.compile(r"\.tmp-(\d+)@([A-Za-z0-9_.-]+)@")
 OTHER_HOST_STALE_S = 24 * 3600  # a temp file or writer entry of another machine: presumed gone after a day
 _locks: dict[str, FileLock] = {}
@@ -71,7 +71,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}{os.getpid()}@{_HOST}@")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}{os.getpid()}@{HOST}@")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -113,7 +113,7 @@ def temporary_abandoned(path: Path, holder_start: float) -> bool:
     if match is None:
         return mtime < holder_start
     pid, host = int(match.group(1)), match.group(2)
-    if host == _HOST:
+    if host == HOST:
         return pid != os.getpid() and not pid_alive(pid)
     return mtime < time.time() - OTHER_HOST_STALE_S
 
@@ -164,7 +164,7 @@ def writing(directory: str | os.PathLike[str]) -> Iterator[float]:
     start = time.time()
     reg = Path(directory) / WRITERS_DIR
     reg.mkdir(parents=True, exist_ok=True)
-    entry = reg / f"{os.getpid()}@{_HOST}@{time.time_ns()}"
+    entry = reg / f"{os.getpid()}@{HOST}@{time.time_ns()}"
     entry.touch()
     try:
         yield start
@@ -181,9 +181,9 @@ def other_live_writers(directory: str | os.PathLike[str]) -> list[str]:
         host = rest.rpartition("@")[0]
         if not pid_text.isdigit():
             continue
-        if host == _HOST and int(pid_text) == os.getpid():
+        if host == HOST and int(pid_text) == os.getpid():
             continue
-        gone = (not pid_alive(int(pid_text))) if host == _HOST else (
+        gone = (not pid_alive(int(pid_text))) if host == HOST else (
             entry.stat().st_mtime < time.time() - OTHER_HOST_STALE_S)
         if gone:
             entry.unlink(missing_ok=True)
