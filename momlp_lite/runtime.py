@@ -36,7 +36,7 @@ from .store.files import atomic_write_bytes
 __all__ = [
     "PROFILES", "Profile", "get_profile", "choose", "seed_everything", "get_device", "describe_run",
     "Chapter", "start_chapter", "best_time", "torch_threads",
-    "results_dir", "run_metadata", "write_results", "load_results",
+    "results_dir", "run_metadata", "write_results", "load_results", "check_positive_int",
 ]
 
 T = TypeVar("T")
@@ -150,6 +150,16 @@ def describe_run(device: torch.device | None = None) -> str:
         f"profile={prof.name} ({prof.description}); device={name}; "
         f"torch {torch.__version__}; numpy {np.__version__}"
     )
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` as an ``int`` after checking it is an integer >= 1 (numpy integers allowed, bools refused).
+
+    The package's one positive-integer check: ``ValueError: depth must be an integer >= 1, got 0``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -1,38 +1,15 @@
 """Theory made visible: a training-free MoMLP that meets a requested sup-norm error, and VC-dimension bounds.
 
-Approximation (the book's construction, illustrating Kratsios et al.'s theorem)
--------------------------------------------------------------------------------
-:func:`build_interpolating_momlp` approximates a Lipschitz ``f : [0,1]^n -> R`` to a requested ``eps``
-**without training**:
+Taught in: book/approximation_rates (the construction) and book/vc_dimension (the bounds).
 
-* a regular routing tree (two pieces per axis per level, depth ``d``) cuts ``[0,1]^n`` into ``2^(d n)``
-  leaf cubes of side ``h = 2^-d``; each leaf owns one expert;
-* each leaf cube is cut into ``m^n`` sub-cubes of side ``delta = h / m`` (``N = 2^d m`` per axis in all), and
-  the leaf's expert is the continuous piecewise-linear interpolant of ``f`` on the Kuhn (Freudenthal)
-  triangulation of those sub-cubes, written **exactly** as a ReLU network: a sum of ``(m+1)^n`` shifted
-  copies of the Courant hat ``phi(y) = relu(1 - max(0, y_1..y_n) + min(0, y_1..y_n))`` weighted by ``f`` at
-  the sub-grid vertices (:func:`hat_network` builds the hat as explicit ReLU layers).
-
-Error bound. On a simplex the interpolant is a convex combination ``sum_k lambda_k f(v_k)`` with
-``sum_k lambda_k v_k = x``, so ``|f(x) - I f(x)| <= Lip * sum_k lambda_k |x - v_k|
-<= Lip * sqrt(sum_k lambda_k |x - v_k|^2) = Lip * sqrt(sum_i t_i (1 - t_i)) * delta <= Lip * sqrt(n) * delta / 2``
-(Jensen; every coordinate of a Kuhn vertex is one of the two ends of the sub-cube, so the weighted
-variance of coordinate ``i`` is ``t_i (1 - t_i) delta^2``). Choosing ``N >= Lip sqrt(n) / (2 eps)`` gives
-sup error ``<= eps``.
-
-Trade-off ``r`` (the book's parametrisation; the paper has its own parameter ``r`` with the same role):
-each expert gets about ``N^r`` sub-cubes per axis and the tree about ``N^(1-r)`` leaves per axis.
-``r = 0``: constant-size experts, ``O(log 1/eps)`` parameters loaded per forward pass, ``~eps^-n`` experts.
-``r = 1/n``: experts of ``~eps^-1`` parameters — the ``O(eps^-1)`` loaded-parameter rate of the theorem.
-``r = 1``: one big expert, everything loaded.
-
-VC dimension (constants set to 1, logarithmic factors as stated)
----------------------------------------------------------------
-* :func:`momlp_vc_bound` — Kratsios et al.: ``VCdim(MoMLP) = O~(L * max{n L, J W})`` for ``L`` experts of depth
-  ``J`` and width ``W`` on ``R^n``; we plot ``L * max(n L, J W)`` (hidden constant 1, log factors dropped).
-* :func:`dense_vc_upper` / :func:`dense_vc_lower` — Bartlett, Harvey, Liaw, Mehrabian (2019) for piecewise-linear
-  networks with ``P`` parameters and ``D`` layers: ``O(P D log P)`` and ``Omega(P D log(P / D))``; we use
-  ``P * D * log2(P)`` and ``P * D * log2(P / D)`` (constants 1, base-2 logarithms).
+* :func:`build_interpolating_momlp` (the book's construction, illustrating Kratsios et al.'s theorem): a regular
+  routing tree cuts ``[0,1]^n`` into leaf cubes; each leaf's expert is the piecewise-linear interpolant of ``f`` on
+  the Kuhn triangulation of ``m^n`` sub-cubes, written exactly as a ReLU network (shifted Courant hats). On a simplex
+  the error is at most ``Lip * sqrt(n) * delta / 2`` (Jensen), so ``N >= Lip sqrt(n) / (2 eps)`` cells per axis give
+  sup error ``<= eps``. The book's trade-off ``r``: about ``N^r`` sub-cubes per axis per expert (``r = 0``: tiny
+  experts; ``r = 1/n``: experts of ``~1/eps`` parameters, the theorem's loaded-parameter rate; ``r = 1``: one expert).
+* :func:`momlp_vc_bound`: ``L * max(n L, J W)``, the paper's ``O~(L max{nL, JW})`` with constant 1 and no logs.
+  :func:`dense_vc_upper` / :func:`dense_vc_lower`: Bartlett et al. (2019), ``P D log2 P`` and ``P D log2(P / D)``.
 """
 
 from __future__ import annotations
@@ -47,27 +24,14 @@ import torch
 
 from .data import Target, get_target
 from .moe.routing import RoutingTree
-from .moe.sizes import _check_sizes, mlp_parameter_count
+from .moe.sizes import mlp_parameter_count
+from .runtime import check_positive_int
 
 __all__ = [
-    "check_eps",
-    "hat_network",
-    "relu_network_forward",
-    "hat_parameter_count",
-    "courant_hat",
-    "ConstructionPlan",
-    "plan_construction",
-    "InterpolatingMoMLP",
-    "build_interpolating_momlp",
-    "cells_per_axis_for",
-    "sup_error",
-    "dense_test_points",
-    "loglog_slope",
-    "momlp_vc_bound",
-    "dense_vc_upper",
-    "dense_vc_lower",
-    "momlp_total_parameters",
-    "kink_target",
+    "check_eps", "hat_network", "relu_network_forward", "hat_parameter_count", "courant_hat", "ConstructionPlan",
+    "plan_construction", "InterpolatingMoMLP", "build_interpolating_momlp", "cells_per_axis_for", "sup_error",
+    "dense_test_points", "loglog_slope", "momlp_vc_bound", "dense_vc_upper", "dense_vc_lower",
+    "momlp_total_parameters", "kink_target",
 ]
 
 _MAX_GRID_VERTICES = 20_000_000
@@ -86,8 +50,9 @@ def check_eps(eps: float) -> float:
 
 
 def _check_positive_ints(**values: int) -> None:
-    """Raise ``ValueError`` naming the first value that is not an integer >= 1 (numpy ints allowed)."""
-    _check_sizes(**{k: int(v) if isinstance(v, np.integer) else v for k, v in values.items()})
+    """Raise ``ValueError`` naming the first value that is not an integer >= 1."""
+    for name, value in values.items():
+        check_positive_int(name, value)
 
 
 # ---------------------------------------------------------------------------------------------- the hat as ReLU layers
