@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from momlp_lite.store import experts as store
+from momlp_lite.store import files
 from momlp_lite.moe.routing import RoutingTree
 from momlp_lite.store.experts import (
     CHECKSUM_KEY,
@@ -372,7 +373,7 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
     st, old_model, tree = _store(tmp_path, seed=0)
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(2))
     before = st.predict(x, device="cpu").outputs
-    real = store.atomic_write_bytes
+    real = files.atomic_write_bytes
     writes = []
 
     def flaky(path, data):
@@ -381,7 +382,7 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
         writes.append(path)
         return real(path, data)
 
-    monkeypatch.setattr(store, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(files, "atomic_write_bytes", flaky)  # every store file goes through it
     with pytest.raises(KeyboardInterrupt):
         ExpertStore.save(st.directory, _model(8, seed=5), tree)
     monkeypatch.undo()

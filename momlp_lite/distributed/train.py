@@ -31,7 +31,8 @@ from ..data import make_grid_data
 from ..moe.experts import StackedMLP
 from ..moe.routing import RoutingTree
 from ..moe.trainer import TrainConfig, train_experts
-from ..store.experts import (EXPERT_DIR, StoreError, _load_checked, atomic_write_bytes, expert_files,
+from ..store.checked import read_checked as _load_checked
+from ..store.experts import (EXPERT_DIR, StoreError, atomic_write_bytes, expert_files,
                              load_tree, save_tree, write_expert, write_manifest)
 from ..store.files import remove_abandoned_temporaries, store_lock, writing
 from .config import ConfigError, RunConfig
