@@ -21,29 +21,14 @@ __all__ = ["Workers", "shard_ids", "parse_shard", "start_workers", "stop_workers
            "env_int", "SAFE_UNPICKLE"]
 
 # Object collectives pickle; where torch can, unpickle only tensors and plain containers.
-SAFE_UNPICKLE = (
-    {"weights_only": True} if "weights_only" in inspect.signature(dist.broadcast_object_list).parameters else {}
-)
+SAFE_UNPICKLE = {"weights_only": True} if "weights_only" in inspect.signature(dist.broadcast_object_list).parameters else {}
 
 
 @dataclass(frozen=True)
 class Workers:
-    """This process's place in the run.
-
-    Attributes
-    ----------
-    rank, world_size : int
-        Shard index and number of shards (``0`` and ``1`` for a single process).
-    local_rank : int
-        Rank on this machine (picks the GPU).
-    mode : str
-        ``"single"``, ``"torchrun"`` (a ``torch.distributed`` process group is up) or ``"shard"``
-        (``--shard i/n``: independent processes, e.g. a SLURM job array, no process group).
-    backend : str or None
-        ``"nccl"`` or ``"gloo"`` in ``torchrun`` mode.
-    device : torch.device
-        Where this process trains.
-    """
+    """This process's place in the run: ``rank`` of ``world_size``, ``local_rank`` (picks the GPU), ``mode``
+    (``"single"``, ``"torchrun"`` with a process group, or ``"shard"``: ``--shard i/n``, no group), the group's
+    ``backend`` (``"nccl"``/``"gloo"``, torchrun only) and the ``device`` it trains on."""
 
     rank: int
     world_size: int
@@ -90,11 +75,8 @@ def env_int(name: str, default: int) -> int:
     return default if value is None or value == "" else int(value)
 
 
-def start_workers(
-    shard: tuple[int, int] | None = None,
-    device: str | None = None,
-    timeout_min: float = 24 * 60,
-) -> Workers:
+def start_workers(shard: tuple[int, int] | None = None, device: str | None = None,
+                  timeout_min: float = 24 * 60) -> Workers:
     """Find out who this process is; under ``torchrun`` start the process group.
 
     Under ``torchrun`` (``WORLD_SIZE`` set in the environment) the group uses NCCL when CUDA is
@@ -125,11 +107,8 @@ def start_workers(
         dev = wanted or torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            timeout=_dt.timedelta(minutes=timeout_min),
-            device_id=dev if backend == "nccl" else None,
-        )
+        dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=timeout_min),
+                                device_id=dev if backend == "nccl" else None)
     return Workers(dist.get_rank(), dist.get_world_size(), local_rank, "torchrun", backend, dev)
 
 
@@ -147,16 +126,9 @@ def barrier(workers: Workers) -> None:
             dist.barrier()
 
 
-def torchrun_command(
-    config: str | os.PathLike[str],
-    nproc_per_node: int = 2,
-    *,
-    nnodes: int | None = None,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str = "momlp",
-    max_restarts: int = 0,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
+def torchrun_command(config: str | os.PathLike[str], nproc_per_node: int = 2, *, nnodes: int | None = None,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = "momlp", max_restarts: int = 0,
+                     extra_args: Sequence[str] = ()) -> list[str]:
     """The ``torchrun`` command line (as a list) that trains ``config`` on several processes.
 
     Without ``rdzv_endpoint`` it is a single-machine ``--standalone`` run; with it, every machine
