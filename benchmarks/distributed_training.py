@@ -35,7 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from momlp_lite.distributed.train import compare_stores, torchrun_command  # noqa: E402
+from momlp_lite.distributed.train import compare_stores  # noqa: E402
+from momlp_lite.distributed.workers import torchrun_command  # noqa: E402
 from momlp_lite.runtime import write_results  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def make_config(args: argparse.Namespace) -> dict:
         "data": {"kind": "grid", "target": "sine", "n": 2, "s": args.s},
         "routing": {"kind": "regular", "depth": args.depth, "branching": 2},
         "experts": {"width": args.width, "hidden_layers": args.hidden_layers, "prelu": True},
-        "optimiser": {"name": "adam", "lr": 1e-3, "epochs": args.epochs, "batch_size": args.batch_size,
+        "train": {"optimizer": "adam", "lr": 1e-3, "max_epochs": args.epochs, "batch_size": args.batch_size,
                       "val_fraction": 0.1, "patience": None},
         "run": {"output_dir": "unused", "experts_per_step": args.experts_per_step},
     }

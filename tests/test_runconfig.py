@@ -16,7 +16,7 @@ GOOD = {
     "data": {"kind": "grid", "target": "sine", "n": 2, "s": 8},
     "routing": {"kind": "regular", "depth": 1, "branching": 2},
     "experts": {"width": 4, "hidden_layers": 2, "prelu": True},
-    "optimiser": {"name": "adam", "lr": 1e-3, "epochs": 2, "batch_size": 8},
+    "train": {"optimizer": "adam", "lr": 1e-3, "max_epochs": 2, "batch_size": 8},
     "run": {"output_dir": "out", "experts_per_step": 2},
 }
 
@@ -34,7 +34,7 @@ def test_yaml_and_toml_give_the_same_config(tmp_path: Path) -> None:
         "data: {kind: grid, target: sine, n: 2, s: 8}\n"
         "routing: {kind: regular, depth: 1, branching: 2}\n"
         "experts: {width: 4, hidden_layers: 2, prelu: true}\n"
-        "optimiser: {name: adam, lr: 1.0e-3, epochs: 2, batch_size: 8}\n"
+        "train: {optimizer: adam, lr: 1.0e-3, max_epochs: 2, batch_size: 8}\n"
         "run: {output_dir: out, experts_per_step: 2}\n"
     )
     toml_path = tmp_path / "run.toml"
@@ -43,21 +43,21 @@ def test_yaml_and_toml_give_the_same_config(tmp_path: Path) -> None:
         '[data]\nkind = "grid"\ntarget = "sine"\nn = 2\ns = 8\n'
         '[routing]\nkind = "regular"\ndepth = 1\nbranching = 2\n'
         "[experts]\nwidth = 4\nhidden_layers = 2\nprelu = true\n"
-        '[optimiser]\nname = "adam"\nlr = 1e-3\nepochs = 2\nbatch_size = 8\n'
+        '[train]\noptimizer = "adam"\nlr = 1e-3\nmax_epochs = 2\nbatch_size = 8\n'
         '[run]\noutput_dir = "out"\nexperts_per_step = 2\n'
     )
     a = load_run_config(yaml_path, profile="smoke")
     b = load_run_config(toml_path, profile="smoke")
     assert a == b == parse_run_config(GOOD, profile="smoke")
-    assert a.experts.width == 4 and a.optimiser.lr == pytest.approx(1e-3) and a.seed == 3
+    assert a.experts.width == 4 and a.train.lr == pytest.approx(1e-3) and a.seed == 3
 
 
 def test_yaml_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text("data: {target: sine, n: 2, s: 8}\noptimiser: {lr: 1e-3}\n")  # YAML 1.1: a string
-    assert load_run_config(path).optimiser.lr == pytest.approx(1e-3)
-    path.write_text("data: {target: sine, n: 2, s: 8}\noptimiser: {lr: fast}\n")
-    with pytest.raises(ConfigError, match="optimiser.lr must be a finite number > 0, got 'fast'"):
+    path.write_text("data: {target: sine, n: 2, s: 8}\ntrain: {lr: 1e-3}\n")  # YAML 1.1: a string
+    assert load_run_config(path).train.lr == pytest.approx(1e-3)
+    path.write_text("data: {target: sine, n: 2, s: 8}\ntrain: {lr: fast}\n")
+    with pytest.raises(ConfigError, match="train.lr must be a finite number, got 'fast'"):
         load_run_config(path)
 
 
@@ -95,18 +95,21 @@ def test_overrides_replace_dotted_keys() -> None:
     [
         (_with("experts", width=-3), "experts.width must be an integer >= 1, got -3"),
         (_with("experts", hidden_layers=0), "experts.hidden_layers must be an integer >= 1, got 0"),
-        (_with("optimiser", batch_size=-1), "optimiser.batch_size must be an integer >= 1, got -1"),
-        (_with("optimiser", lr=0), "optimiser.lr must be a number > 0"),
-        (_with("optimiser", epochs=-2.5), "optimiser.epochs must be a number > 0, got -2.5"),
-        (_with("optimiser", patience=0), "optimiser.patience must be an integer >= 1, got 0"),
-        (_with("optimiser", batch_size=True), "optimiser.batch_size must be an integer >= 1, got True"),
-        (_with("optimiser", loss="cross_entropy"), "optimiser.loss must be 'mse' for grid regression data"),
-        (_with("optimiser", weight_decay=-0.1), "optimiser.weight_decay must be a number >= 0"),
+        (_with("train", batch_size=-1), "train.batch_size must be an integer >= 1, got -1"),
+        (_with("train", lr=0), "train.lr must be > 0, got 0"),
+        (_with("train", lr=float("inf")), "train.lr must be a finite number, got inf"),
+        (_with("train", max_epochs=-2.5), "train.max_epochs must be > 0"),
+        (_with("train", patience=0), "train.patience must be >= 1"),
+        (_with("train", batch_size=True), "train.batch_size must be an integer, got True"),
+        (_with("train", loss="cross_entropy"), "train.loss must be 'mse' for grid regression data"),
+        (_with("train", val_fraction=1.0), "train.val_fraction must be in [0, 1), got 1.0"),
         (_with("experts", prelu="yes"), "experts.prelu must be true or false"),
         (_with("experts", widht=4), "unknown key 'experts.widht'; did you mean 'experts.width'?"),
         ({**GOOD, "expert": {}}, "unknown key 'expert'; did you mean 'experts'?"),
         ({**GOOD, "learning_rate": 1}, "unknown key 'learning_rate'"),
-        (_with("optimiser", name="sgd"), "optimiser.name must be one of ['adam', 'adamw'], got 'sgd'"),
+        (_with("train", optimizer="sgd"), "train.optimizer must be one of ('adam', 'adamw'), got 'sgd'"),
+        (_with("train", seed=1), "train.seed is set by the top-level 'seed'"),
+        ({**GOOD, "optimiser": {"name": "adam"}}, "the table is now 'train'"),
         (_with("data", target="cosine"), "data.target must be one of"),
         (_with("data", s=1), "data.s must be an integer >= 2, got 1"),
         (_with("data", test_fraction=1.0), "data.test_fraction must be a number > 0 and < 1"),

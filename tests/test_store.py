@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from momlp_lite.store import experts as store
+from momlp_lite.store import files
 from momlp_lite.moe.routing import RoutingTree
 from momlp_lite.store.experts import (
     CHECKSUM_KEY,
@@ -261,7 +262,8 @@ def test_interrupted_manifest_write_keeps_the_previous_tree(tmp_path: Path, monk
 
 # ---------------------------------------------------------------------------- the expert store
 from momlp_lite.moe.experts import StackedMLP  # noqa: E402
-from momlp_lite.store.experts import ExpertStore, TensorMemoryMeter, measure_peak_memory  # noqa: E402
+from momlp_lite.store.experts import ExpertStore, expert_files  # noqa: E402
+from momlp_lite.store.memory import TensorMemoryMeter, measure_peak_memory  # noqa: E402
 
 
 def _model(num_experts: int = 8, width: int = 16, seed: int = 0, n_in: int = 3) -> StackedMLP:
@@ -371,7 +373,7 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
     st, old_model, tree = _store(tmp_path, seed=0)
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(2))
     before = st.predict(x, device="cpu").outputs
-    real = store.atomic_write_bytes
+    real = files.atomic_write_bytes
     writes = []
 
     def flaky(path, data):
@@ -380,7 +382,7 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
         writes.append(path)
         return real(path, data)
 
-    monkeypatch.setattr(store, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(files, "atomic_write_bytes", flaky)  # every store file goes through it
     with pytest.raises(KeyboardInterrupt):
         ExpertStore.save(st.directory, _model(8, seed=5), tree)
     monkeypatch.undo()
@@ -388,23 +390,10 @@ def test_interrupted_store_save_leaves_the_previous_store_intact(
     assert torch.equal(before, after)
     # a completed save replaces the store and removes the old files
     new = ExpertStore.save(st.directory, _model(8, seed=5), tree)
-    files = sorted(p.name for p in st.directory.iterdir())
-    assert len(files) == 8 + 2 and not torch.equal(new.predict(x, device="cpu").outputs, before)
-
-
-def test_memory_vs_experts_is_flat_for_one_at_a_time(tmp_path: Path) -> None:
-    from momlp_lite.store.experts import memory_vs_experts, serving_setup
-
-    g = torch.Generator().manual_seed(0)
-    x_fit, x = torch.randn(300, 3, generator=g), torch.randn(100, 3, generator=g)
-    rows = memory_vs_experts(x_fit, x, [(1, 2), (2, 4)], 64, 2, 3, tmp_path, device="cpu")
-    assert [r["experts"] for r in rows] == [2, 16]
-    one = [r["peak_one_at_a_time"] for r in rows]
-    assert one[1] <= one[0], one  # one expert's weights + its rows' activations: fewer rows per expert, not more
-    assert rows[1]["peak_all_loaded"] > 4 * rows[1]["peak_one_at_a_time"]
-    assert rows[1]["dense_params"] <= 16 * rows[1]["params_per_expert"] and rows[1]["peak_dense"] > rows[0]["peak_dense"]
-    assert all(r["same_predictions"] and r["rows_per_s_one_at_a_time"] > 0 for r in rows)
-    assert serving_setup("smoke")["sweep"][-1] == (3, 4)  # 64 experts in the smoke chapter
+    experts = sorted(p.name for p in (st.directory / "experts").iterdir())
+    trees = sorted(p.name for p in st.directory.glob("routing_tree.*"))
+    assert len(experts) == 8 and len(trees) == 1 and not torch.equal(new.predict(x, device="cpu").outputs, before)
+    assert not [p for p in st.directory.rglob("*") if is_temporary_file(p)]
 
 
 def test_predict_without_memory_meter(tmp_path: Path) -> None:

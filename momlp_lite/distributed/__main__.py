@@ -1,5 +1,5 @@
 """``python -m momlp_lite.distributed CONFIG``: the same command alone or under torchrun."""
 
-from .train import main
+from .cli import main
 
 raise SystemExit(main())

@@ -1,23 +1,19 @@
 """Run configurations: one YAML or TOML file that says how to train a MoMLP.
 
-A config file has a top-level ``seed`` and ``profile`` and five tables::
+Taught in: book/distributed_training. A config has a top-level ``seed`` and ``profile`` and five tables::
 
     seed: 0
     profile: smoke            # optional: else $MOMLP_PROFILE (default "default")
-    data:      {kind: grid, target: sine, n: 2, s: 32}
-    routing:   {kind: regular, depth: 2, branching: 2}
-    experts:   {width: 32, hidden_layers: 3, prelu: true}
-    optimiser: {name: adam, lr: 1.0e-3, epochs: 50, batch_size: 64}
-    run:       {output_dir: runs/sine, experts_per_step: 4}
+    data:    {kind: grid, target: sine, n: 2, s: 32}
+    routing: {kind: regular, depth: 2, branching: 2}
+    experts: {width: 32, hidden_layers: 3, prelu: true}
+    train:   {optimizer: adam, lr: 1.0e-3, max_epochs: 50, batch_size: 64}   # the trainer's TrainConfig
+    run:     {output_dir: runs/sine, experts_per_step: 4}
 
-Any single value may instead be a table with exactly the keys ``smoke``, ``default`` and ``paper``
-(``width: {smoke: 8, default: 64, paper: 1000}``): the run's profile picks one, as
-:func:`momlp_lite.config.choose` does in the chapters.
-
-:func:`load_run_config` validates everything **before any training starts**: an unknown key, a
-wrong type, a size below its minimum or a missing data file raises :class:`ConfigError` (a
-``ValueError``) whose message names the key, e.g.
-``experts.width must be an integer >= 1, got -3``.
+``train`` *is* :class:`momlp_lite.moe.trainer.TrainConfig` (same field names; its constraints are
+checked by TrainConfig itself). Any value may be a table ``{smoke: …, default: …, paper: …}`` that
+the profile resolves. :func:`load_run_config` validates everything before any training starts:
+errors are :class:`ConfigError` naming the key, e.g. ``experts.width must be an integer >= 1, got -3``.
 """
 
 from __future__ import annotations
@@ -33,114 +29,80 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..runtime import PROFILES, get_profile
 from ..data import TARGETS
+from ..moe.trainer import TrainConfig
+from ..runtime import PROFILES, get_profile
 
-__all__ = [
-    "ConfigError",
-    "DataSection",
-    "RoutingSection",
-    "ExpertSection",
-    "OptimiserSection",
-    "RunSection",
-    "RunConfig",
-    "load_run_config",
-    "parse_run_config",
-    "read_config_file",
-]
+__all__ = ["ConfigError", "DataSection", "RoutingSection", "ExpertSection", "RunSection", "RunConfig",
+           "load_run_config", "parse_run_config", "read_config_file"]
+
+#: TrainConfig fields a run sets elsewhere: where to set them instead.
+RUN_LEVEL = {"seed": "the top-level 'seed'", "device": "--device", "progress": "--no-progress"}
 
 
 class ConfigError(ValueError):
-    """A config file is invalid; the message names the offending key and the fix."""
+    """A config file is invalid; the message names the offending key and the fix. Taught in: book/distributed_training."""
 
 
 def _spec(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
-          le: float | None = None, lt: float | None = None, choices: tuple[str, ...] | None = None,
-          doc: str = "") -> Any:
+          lt: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with the constraints the validator checks."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "doc": doc}
-    if default is dataclasses.MISSING:
-        return field(metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt, "choices": choices})
 
 
 @dataclass(frozen=True)
 class DataSection:
-    """Where the training data comes from.
+    """``kind: grid`` samples ``target`` on the ``s**n`` grid over ``[a, b]**n`` (``test_fraction`` held out);
+    ``kind: file`` reads ``x_train [N, n]``, ``y_train`` from the safetensors file ``path``."""
 
-    ``kind: grid`` samples ``target`` on the ``s**n`` grid over ``[a, b]**n`` with a seeded
-    ``test_fraction`` split (:func:`momlp_lite.data.make_grid_data`). ``kind: file`` reads a
-    safetensors file ``path`` holding ``x_train [N, n]``, ``y_train [N, k]`` (and optionally
-    ``x_test``, ``y_test``).
-    """
-
-    kind: str = _spec("grid", choices=("grid", "file"), doc="grid or file")
-    target: str | None = _spec(None, choices=tuple(sorted(TARGETS)), doc="grid target function")
-    n: int | None = _spec(None, ge=1, doc="input dimension (grid)")
-    s: int | None = _spec(None, ge=2, doc="grid points per axis (grid)")
-    a: float = _spec(0.0, doc="left end of the box (grid)")
-    b: float = _spec(1.0, doc="right end of the box (grid)")
-    test_fraction: float = _spec(0.2, gt=0.0, lt=1.0, doc="share of points held out for testing (grid)")
-    path: str | None = _spec(None, doc="safetensors file with x_train, y_train (file)")
+    kind: str = _spec("grid", choices=("grid", "file"))
+    target: str | None = _spec(None, choices=tuple(sorted(TARGETS)))
+    n: int | None = _spec(None, ge=1)
+    s: int | None = _spec(None, ge=2)
+    a: float = _spec(0.0)
+    b: float = _spec(1.0)
+    test_fraction: float = _spec(0.2, gt=0.0, lt=1.0)
+    path: str | None = _spec(None)
 
 
 @dataclass(frozen=True)
 class RoutingSection:
-    """The routing tree: ``regular`` (nested sub-boxes of the grid's box) or ``kmeans`` (recursive k-means)."""
+    """``regular`` (nested sub-boxes of the grid's box) or ``kmeans`` (recursive k-means) trees."""
 
     kind: str = _spec("regular", choices=("regular", "kmeans"))
     depth: int = _spec(2, ge=1)
-    branching: int = _spec(2, ge=2, doc="pieces per axis (regular) or children per node (kmeans)")
-    iters: int = _spec(25, ge=1, doc="Lloyd iterations per level (kmeans)")
+    branching: int = _spec(2, ge=2)
+    iters: int = _spec(25, ge=1)
 
 
 @dataclass(frozen=True)
 class ExpertSection:
-    """The size of every expert MLP: ``n -> width (x hidden_layers) -> outputs``."""
+    """Every expert MLP: ``n -> width (x hidden_layers) -> outputs``."""
 
     width: int = _spec(32, ge=1)
     hidden_layers: int = _spec(3, ge=1)
-    prelu: bool = _spec(True, doc="learnable PReLU (else ReLU)")
-    batchnorm: bool = _spec(False, doc="BatchNorm1d before each activation")
-
-
-@dataclass(frozen=True)
-class OptimiserSection:
-    """How each expert is trained (Algorithm 2: every expert on its own leaf's data).
-
-    ``epochs`` counts passes over the *largest* expert's training shard, so every expert runs the
-    same number of steps whichever process trains it. ``patience`` (evaluations without
-    improvement on the expert's own validation split) stops an expert early; ``null`` never does.
-    """
-
-    name: str = _spec("adam", choices=("adam", "adamw"))
-    lr: float = _spec(1e-3, gt=0.0)
-    weight_decay: float | None = _spec(None, ge=0.0, doc="null: the optimiser's default (Adam 0, AdamW 0.01)")
-    epochs: float = _spec(50.0, gt=0.0)
-    batch_size: int = _spec(64, ge=1)
-    val_fraction: float = _spec(0.1, ge=0.0, lt=1.0)
-    patience: int | None = _spec(10, ge=1)
-    loss: str = _spec("mse", choices=("mse", "cross_entropy"))
+    prelu: bool = _spec(True)
+    batchnorm: bool = _spec(False)
 
 
 @dataclass(frozen=True)
 class RunSection:
-    """Where the store goes and how the work is cut into pieces (does not change the weights)."""
+    """Where the store goes and how the work is cut into lockstep groups (does not change the weights)."""
 
-    output_dir: str = _spec("momlp_run", doc="shared output directory (relative to the working directory)")
-    experts_per_step: int = _spec(8, ge=1, doc="experts trained together in lockstep, then saved")
+    output_dir: str = _spec("momlp_run")
+    experts_per_step: int = _spec(8, ge=1)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole, validated run configuration (profile-dependent values already resolved)."""
+    """A whole, validated run configuration (profile-dependent values already resolved). Taught in: book/distributed_training."""
 
     data: DataSection
     seed: int = _spec(0, ge=0)
     profile: str = _spec("default", choices=tuple(PROFILES))
     routing: RoutingSection = field(default_factory=RoutingSection)
     experts: ExpertSection = field(default_factory=ExpertSection)
-    optimiser: OptimiserSection = field(default_factory=OptimiserSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,36 +110,22 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """sha256 of everything that determines the experts' weights.
-
-        Excludes ``run`` (where the files go, how the work is chunked) and ``profile`` (already
-        resolved into the values). Stored in every expert file, so a resumed run never mixes
-        experts trained under different settings.
-        """
+        """sha256 of everything that determines the experts' weights (not ``run`` nor ``profile``)."""
         d = self.to_dict()
-        d.pop("run")
-        d.pop("profile")
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        d.pop("run"), d.pop("profile")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some top-level fields replaced (sections as dataclasses)."""
         return dataclasses.replace(self, **changes)
 
     def with_output_dir(self, output_dir: str | os.PathLike[str]) -> "RunConfig":
-        """A copy that writes to ``output_dir`` (same fingerprint: the weights do not change)."""
+        """A copy that writes to ``output_dir`` (same fingerprint)."""
         return self.replace(run=dataclasses.replace(self.run, output_dir=str(output_dir)))
 
 
-_SECTIONS: dict[str, type] = {
-    "data": DataSection,
-    "routing": RoutingSection,
-    "experts": ExpertSection,
-    "optimiser": OptimiserSection,
-    "run": RunSection,
-}
-_TOP_SCALARS = ("seed", "profile")
-_PROFILE_KEYS = frozenset(PROFILES)
+_SECTIONS: dict[str, type] = {"data": DataSection, "routing": RoutingSection, "experts": ExpertSection,
+                              "train": TrainConfig, "run": RunSection}
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -185,8 +133,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a .yaml or .toml file")
-    suffix = p.suffix.lower()
-    text = p.read_text()
+    suffix, text = p.suffix.lower(), p.read_text()
     if suffix in (".yaml", ".yml"):
         import yaml
 
@@ -198,78 +145,49 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # pragma: no cover - Python 3.10
-            try:
-                import tomli as tomllib  # type: ignore[no-redef]
-            except ImportError:
-                raise ConfigError("reading TOML on Python 3.10 needs 'pip install tomli'; or use YAML") from None
+            import tomli as tomllib  # type: ignore[no-redef]
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{p}: not valid TOML: {err}") from None
     else:
         raise ConfigError(f"config file {str(p)!r} must end in .yaml, .yml or .toml, got {suffix!r}")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw if raw is not None else {}, dict):
         raise ConfigError(f"{p}: the top level must be a table of keys, got {type(raw).__name__}")
-    return raw
+    return raw or {}
 
 
-def load_run_config(
-    path: str | os.PathLike[str],
-    profile: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> RunConfig:
-    """Read and validate a config file; see :func:`parse_run_config` for ``profile`` and ``overrides``.
-
-    A relative ``data.path`` is taken relative to the config file's folder.
-    """
+def load_run_config(path: str | os.PathLike[str], profile: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read and validate a config file (a relative ``data.path`` is relative to the file's folder)."""
     raw = read_config_file(path)
     return parse_run_config(raw, profile=profile, overrides=overrides, base_dir=Path(path).resolve().parent)
 
 
-def parse_run_config(
-    raw: Mapping[str, Any],
-    profile: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    base_dir: str | os.PathLike[str] | None = None,
-) -> RunConfig:
-    """Validate a nested dict and return a :class:`RunConfig`.
+def parse_run_config(raw: Mapping[str, Any], profile: str | None = None, overrides: Mapping[str, Any] | None = None,
+                     base_dir: str | os.PathLike[str] | None = None) -> RunConfig:
+    """Validate a nested dict into a :class:`RunConfig`.
 
-    Parameters
-    ----------
-    raw : mapping
-        The file's contents.
-    profile : str, optional
-        Profile that resolves ``{smoke:, default:, paper:}`` values. Precedence: this argument, then
-        the config's ``profile`` key, then ``$MOMLP_PROFILE``.
-    overrides : mapping, optional
-        Dotted keys replacing values after reading, e.g. ``{"run.output_dir": "/scratch/run1"}``.
-    base_dir : path, optional
-        Folder a relative ``data.path`` is taken from (default: the working directory); the
-        returned config holds the absolute path.
-
-    Raises
-    ------
-    ConfigError
-        Naming the key for unknown keys, wrong types, out-of-range values, a missing ``data``
-        table or a missing data file.
+    ``profile`` (else the file's ``profile``, else ``$MOMLP_PROFILE``) resolves per-profile values;
+    ``overrides`` are dotted keys (``{"run.output_dir": "/scratch/run1"}``); ``base_dir`` anchors a
+    relative ``data.path``. Raises :class:`ConfigError` naming the key.
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a table of keys, got {type(raw).__name__}")
     raw = _apply_overrides(dict(raw), overrides or {})
-    _reject_unknown(raw, (*_TOP_SCALARS, *_SECTIONS), prefix="")
-    prof_name = _resolve_profile(profile, raw.get("profile"))
-    values: dict[str, Any] = {"profile": prof_name}
+    if "optimiser" in raw:
+        raise ConfigError("unknown key 'optimiser': the table is now 'train', the trainer's TrainConfig "
+                          "(optimiser.name -> train.optimizer, optimiser.epochs -> train.max_epochs); rename it")
+    _reject_unknown(raw, ("seed", "profile", *_SECTIONS), prefix="")
+    prof = _resolve_profile(profile, raw.get("profile"))
+    values: dict[str, Any] = {"profile": prof}
     if "seed" in raw:
-        values["seed"] = _check_value(RunConfig, "seed", _pick(raw["seed"], "seed", prof_name), "seed")
+        values["seed"] = _check_value(RunConfig, "seed", _pick(raw["seed"], "seed", prof), "seed")
     if "data" not in raw:
-        raise ConfigError(
-            "data: missing table; add one, e.g. 'data: {kind: grid, target: sine, n: 2, s: 32}'"
-        )
+        raise ConfigError("data: missing table; add one, e.g. 'data: {kind: grid, target: sine, n: 2, s: 32}'")
     for name, cls in _SECTIONS.items():
         if name in raw:
-            values[name] = _parse_section(cls, raw[name], name, prof_name)
+            values[name] = _parse_section(cls, raw[name], name, prof)
     cfg = RunConfig(**values)
     if cfg.data.path is not None:
         full = Path(base_dir or os.getcwd()) / cfg.data.path
@@ -281,15 +199,14 @@ def parse_run_config(
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
         parts = dotted.split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {dotted!r} is not a dotted key like 'experts.width'")
         node = raw
         for part in parts[:-1]:
             nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
+            if nxt is not None and not isinstance(nxt, dict):
                 raise ConfigError(f"override {dotted!r}: {part!r} is not a table")
-            else:
-                nxt = node[part] = dict(nxt)
+            node[part] = nxt = dict(nxt or {})
             node = nxt
         node[parts[-1]] = value
     return raw
@@ -298,10 +215,9 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
     for key in table:
         if key not in known:
-            where = f"{prefix}{key}"
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-            raise ConfigError(f"unknown key '{where}'{hint}")
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
 def _resolve_profile(arg: str | None, in_file: Any) -> str:
@@ -314,88 +230,87 @@ def _resolve_profile(arg: str | None, in_file: Any) -> str:
 
 def _pick(value: Any, key: str, profile: str) -> Any:
     """Resolve a ``{smoke:, default:, paper:}`` table to the profile's value."""
-    if isinstance(value, Mapping):
-        keys = set(value)
-        if keys != _PROFILE_KEYS:
-            missing = sorted(_PROFILE_KEYS - keys)
-            extra = sorted(keys - _PROFILE_KEYS)
-            raise ConfigError(
-                f"{key}: a per-profile value needs exactly the keys smoke, default, paper"
-                + (f"; missing {missing}" if missing else "")
-                + (f"; unknown {extra}" if extra else "")
-            )
-        return value[profile]
-    return value
+    if not isinstance(value, Mapping):
+        return value
+    missing, extra = sorted(set(PROFILES) - set(value)), sorted(set(value) - set(PROFILES))
+    if missing or extra:
+        raise ConfigError(f"{key}: a per-profile value needs exactly the keys smoke, default, paper"
+                          + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+    return value[profile]
 
 
 def _parse_section(cls: type, table: Any, name: str, profile: str) -> Any:
-    if table is None:
-        table = {}
-    if not isinstance(table, Mapping):
+    if not isinstance(table if table is not None else {}, Mapping):
         raise ConfigError(f"{name} must be a table of keys, got {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(table, tuple(fields), prefix=f"{name}.")
-    values = {
-        key: _check_value(cls, key, _pick(value, f"{name}.{key}", profile), f"{name}.{key}")
-        for key, value in table.items()
-    }
-    return cls(**values)
+    table = table or {}
+    known = tuple(f.name for f in dataclasses.fields(cls) if not (cls is TrainConfig and f.name in RUN_LEVEL))
+    for key in table:
+        if cls is TrainConfig and key in RUN_LEVEL:
+            raise ConfigError(f"train.{key} is set by {RUN_LEVEL[key]}, not in the train table; remove it")
+    _reject_unknown(table, known, prefix=f"{name}.")
+    values = {k: _check_value(cls, k, _pick(v, f"{name}.{k}", profile), f"{name}.{k}") for k, v in table.items()}
+    if cls is not TrainConfig:
+        return cls(**values)
+    try:  # the trainer's config checks its own constraints, once
+        return TrainConfig(**values)
+    except (ValueError, TypeError) as err:
+        text = str(err)
+        head = text.split(" ", 1)[0]
+        raise ConfigError(f"train.{text}" if head in known else f"train: {text}") from None
 
 
-def _check_value(cls: type, key: str, value: Any, where: str) -> Any:
-    """Type- and range-check one value against the field's declared type and constraints."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == key)
-    meta = f.metadata
-    kind = str(f.type)
-    optional = "None" in kind
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where} must be set (got an empty value)")
-    if kind.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer{_bounds_text(meta)}, got {value!r}")
-    elif kind.startswith("float"):
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+
+
+def _as_kind(value: Any, kind: str) -> tuple[bool, Any]:
+    if kind == "int":
+        return (not isinstance(value, bool) and isinstance(value, int)), value
+    if kind == "float":
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string; accept numeric text
             try:
                 value = float(value)
             except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where} must be a finite number{_bounds_text(meta)}, got {value!r}")
-        value = float(value)
-    elif kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-    elif kind.startswith("str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        if meta["choices"] and value not in meta["choices"]:
-            raise ConfigError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        ok = all(
-            bound is None or test(value, bound)
-            for bound, test in (
-                (meta["ge"], lambda v, b: v >= b),
-                (meta["gt"], lambda v, b: v > b),
-                (meta["le"], lambda v, b: v <= b),
-                (meta["lt"], lambda v, b: v < b),
-            )
-        )
-        if not ok:
-            noun = "an integer" if kind.startswith("int") else "a number"
-            raise ConfigError(f"{where} must be {noun}{_bounds_text(meta)}, got {value!r}")
-    return value
+                return False, value
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        return ok, float(value) if ok else value
+    if kind == "bool":
+        return isinstance(value, bool), value
+    return isinstance(value, str), value
 
 
-def _bounds_text(meta: Mapping[str, Any]) -> str:
-    parts = [f"{op} {meta[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-             if meta[k] is not None]
-    return (" " + " and ".join(parts)) if parts else ""
+def _check_value(cls: type, key: str, value: Any, where: str) -> Any:
+    """Type-check one value against the field's declared type (and, for this module's sections, its bounds)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    kinds = [k.strip() for k in str(f.type).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ConfigError(f"{where} must be set (got an empty value)")
+    meta = f.metadata
+    bounds = " and ".join(f"{op} {meta[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("lt", "<"))
+                          if meta.get(k) is not None)
+    want = " or ".join(_KINDS.get(k, k) for k in kinds if k != "None") + (f" {bounds}" if bounds else "")
+    for kind in kinds:
+        ok, converted = _as_kind(value, kind) if kind in _KINDS else (False, value)
+        if ok:
+            break
+    else:
+        raise ConfigError(f"{where} must be {want}, got {value!r}")
+    if meta.get("choices") and converted not in meta["choices"]:
+        raise ConfigError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
+    if isinstance(converted, (int, float)) and not isinstance(converted, bool) and _out_of_bounds(converted, meta):
+        noun = "an integer" if kind == "int" else "a number"
+        raise ConfigError(f"{where} must be {noun} {bounds}, got {value!r}")
+    return converted
+
+
+def _out_of_bounds(v: float, meta: Mapping[str, Any]) -> bool:
+    return any(b is not None and not test(v, b) for b, test in (
+        (meta.get("ge"), lambda x, y: x >= y), (meta.get("gt"), lambda x, y: x > y), (meta.get("lt"), lambda x, y: x < y)))
 
 
 def _check_cross_fields(cfg: RunConfig) -> None:
-    d = cfg.data
+    d, r, t = cfg.data, cfg.routing, cfg.train
     if d.kind == "grid":
         for key in ("target", "n", "s"):
             if getattr(d, key) is None:
@@ -406,27 +321,20 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             raise ConfigError(f"data.s**data.n = {d.s**d.n} grid points is too many; lower data.s or data.n")  # type: ignore[operator]
         if d.path is not None:
             raise ConfigError("data.path is only read when data.kind is 'file'; remove it or set data.kind: file")
+        if t.loss != "mse":
+            raise ConfigError(f"train.loss must be 'mse' for grid regression data (data.kind: grid), got {t.loss!r}")
     else:
         if d.path is None:
             raise ConfigError("data.path is required when data.kind is 'file' (a safetensors file)")
         for key in ("target", "n", "s"):
             if getattr(d, key) is not None:
                 raise ConfigError(f"data.{key} is only used when data.kind is 'grid'; remove it")
-        if cfg.routing.kind == "regular":
-            raise ConfigError(
-                "routing.kind 'regular' needs the box of a grid (data.kind: grid); use routing.kind: kmeans"
-            )
+        if r.kind == "regular":
+            raise ConfigError("routing.kind 'regular' needs the box of a grid (data.kind: grid); use routing.kind: kmeans")
         if not Path(d.path).is_file():
             raise ConfigError(f"data.path: file {d.path!r} does not exist; write x_train/y_train there first")
-    if cfg.experts.batchnorm and cfg.optimiser.batch_size < 2:
-        raise ConfigError(
-            f"optimiser.batch_size must be >= 2 when experts.batchnorm is true, got {cfg.optimiser.batch_size}"
-        )
-    if d.kind == "grid" and cfg.optimiser.loss != "mse":
-        raise ConfigError("optimiser.loss must be 'mse' for grid regression data (data.kind: grid)")
-    if cfg.routing.kind == "regular":
-        leaves = cfg.routing.branching ** (cfg.routing.depth * (d.n or 1))
-    else:
-        leaves = cfg.routing.branching**cfg.routing.depth
+    if cfg.experts.batchnorm and t.batch_size < 2:
+        raise ConfigError(f"train.batch_size must be >= 2 when experts.batchnorm is true, got {t.batch_size}")
+    leaves = r.branching ** (r.depth * (d.n or 1)) if r.kind == "regular" else r.branching**r.depth
     if leaves > 1 << 22:
         raise ConfigError(f"routing gives {leaves} experts, too many; lower routing.depth or routing.branching")
