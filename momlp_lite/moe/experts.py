@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe.sizes import dense_width_for_parameters, mlp_parameter_count
+from ..runtime import check_positive_int
+from .sizes import dense_width_for_parameters, mlp_parameter_count
 
 __all__ = ["StackedMLP", "ExpertConfig"]
 
@@ -39,12 +40,6 @@ PRELU_INIT = 0.25  # nn.PReLU's default slope
 _ROUTED_BLOCK = 1 << 24
 
 ExpertConfig = dict[str, Any]  # keys: {"n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm", "bn_eps", "bn_momentum"}
-
-
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class StackedMLP(nn.Module):
@@ -100,11 +95,11 @@ class StackedMLP(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        L = _check_int(num_experts, "num_experts")
-        self.n_in = _check_int(n_in, "n_in")
-        self.width = _check_int(width, "width")
-        self.hidden_layers = _check_int(hidden_layers, "hidden_layers")
-        self.n_out = _check_int(n_out, "n_out")
+        L = check_positive_int("num_experts", num_experts)
+        self.n_in = check_positive_int("n_in", n_in)
+        self.width = check_positive_int("width", width)
+        self.hidden_layers = check_positive_int("hidden_layers", hidden_layers)
+        self.n_out = check_positive_int("n_out", n_out)
         self.prelu = bool(prelu)
         self.batchnorm = bool(batchnorm)
         self.bn_eps = float(bn_eps)
@@ -277,6 +272,7 @@ class StackedMLP(nn.Module):
         with BatchNorm each expert normalises over its own ``B`` samples.
         """
         L = self.num_experts
+        self._check_dtype(x)
         if x.ndim == 2:
             x = x.unsqueeze(0).expand(L, *x.shape)
         if x.ndim != 3 or x.shape[0] != L or x.shape[2] != self.n_in:
@@ -287,6 +283,14 @@ class StackedMLP(nn.Module):
         if self.batchnorm and self.training:
             self.num_batches_tracked.add_(1)
         return self._run(x, self._layer_tensors(None), k_update=True)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}; use torch.as_tensor(x)")
+        dtype = self.weights[0].dtype
+        if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"x has dtype {x.dtype} but the experts are {dtype}; pass x.to({dtype}) "
+                             "(or build the experts with that dtype)")
 
     def local_index(self, leaf: torch.Tensor) -> torch.Tensor:
         """Map global expert ids to rows of this stack.
@@ -326,6 +330,7 @@ class StackedMLP(nn.Module):
         """
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"forward_routed expects x of shape [N, {self.n_in}], got {tuple(x.shape)}")
+        self._check_dtype(x)
         leaf = torch.as_tensor(leaf, device=x.device).long().flatten()
         if leaf.shape[0] != x.shape[0]:
             raise ValueError(f"got {x.shape[0]} rows but {leaf.shape[0]} leaf ids; give one leaf id per row")

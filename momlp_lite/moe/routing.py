@@ -9,12 +9,18 @@ is nearest. Two ways to make the keys:
   sub-boxes (``branching`` pieces per axis at every level), so routing finds the leaf box that
   contains the input;
 * :meth:`RoutingTree.from_data` — recursive k-means: the keys of a node's children are the
-  k-means centroids of the training points that reached that node.
+  k-means centroids of the training points that reached that node;
+* :meth:`RoutingTree.single` — one leaf and no keys: the dense baseline as a one-expert MoMLP.
 
 Every level has the same number ``B`` of children per node, so the nodes of level ``l`` are
 numbered ``0 .. B**l - 1`` and child ``c`` of node ``i`` is node ``i * B + c`` one level down.
 Routing a batch is one gather + one small distance computation per level: cost
 ``O(depth * B * n)`` per point, against ``O(B**depth * n)`` for a flat nearest-leaf search.
+Distances are taken in float32; where the two nearest keys are too close to tell apart in float32
+(a point on a face, or a point far outside the box) the choice is made again in float64 from
+distance *differences*, which keep their precision however far the point is.
+
+Taught in: book/routing_trees.
 """
 
 from __future__ import annotations
@@ -25,18 +31,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..runtime import check_positive_int
+
 __all__ = ["RoutingTree"]
 
 # Upper bound on elements of one temporary [chunk, B, n] block during routing.
 _ROUTE_BLOCK = 1 << 24
 _MAX_LEAVES = 1 << 22
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_TIE_RTOL = 1e-4  # float32 squared distances this close (relatively) are decided again in float64
 
 
 def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
-    """Validate and convert ``x`` to a floating ``[N, n]`` tensor."""
+    """Validate ``x`` as a finite ``[N, n]`` float tensor (integers become float64; dtype kept otherwise)."""
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.is_complex():
+        raise ValueError(f"{what} must be real, got dtype {t.dtype}; pass the real part")
     if not t.is_floating_point():
-        t = t.to(torch.float32)
+        t = t.to(torch.float64)
     if t.ndim != 2:
         raise ValueError(f"{what} must be a 2-D array of shape [N, n], got shape {tuple(t.shape)}")
     if n is not None and t.shape[1] != n:
@@ -44,33 +56,38 @@ def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
             f"{what} has {t.shape[1]} coordinates per point but the tree is {n}-dimensional; "
             f"pass an array of shape [N, {n}]"
         )
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).any(dim=1).sum())
-        raise ValueError(f"{what} contains NaN or infinite values in {bad} rows; clean the input")
+    if t.numel():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0])
+            raise ValueError(f"{what} contains NaN or infinite values in {int(bad.any(dim=1).sum())} rows "
+                             f"(first: row {row} = {t[row].tolist()}); drop or clean those rows")
+        big = float(t.abs().max())
+        if big > _F32_MAX:
+            raise ValueError(f"{what} has a coordinate of magnitude {big:.3g}, beyond float32's range "
+                             f"({_F32_MAX:.3g}) in which the keys live; rescale the input")
     return t
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 class RoutingTree:
     """A tree of prototype keys that routes each point to one leaf.
 
-    Build one with :meth:`regular` or :meth:`from_data`; the constructor takes the raw keys.
+    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`; the constructor takes the
+    raw keys. Taught in: book/routing_trees.
 
     Parameters
     ----------
     keys : list of tensors
         ``keys[l]`` has shape ``[B**l, B, n]``: the keys of the ``B`` children of each node of level ``l``.
+        No keys (depth 0) is the one-leaf tree; then ``n`` must be given.
     kind : str
-        ``"regular"`` or ``"kmeans"`` (informational, plus cell geometry for regular trees).
+        ``"regular"``, ``"kmeans"`` or ``"single"`` (informational, plus cell geometry for regular trees).
     bounds : (float, float), optional
         The box [a, b]^n of a regular tree.
     axis_branching : tuple of int, optional
         Pieces per axis of a regular tree (their product is ``B``).
+    n : int, optional
+        Input dimension; needed only for the one-leaf tree (no keys).
     """
 
     def __init__(
@@ -79,24 +96,39 @@ class RoutingTree:
         kind: str = "custom",
         bounds: tuple[float, float] | None = None,
         axis_branching: tuple[int, ...] | None = None,
+        n: int | None = None,
     ) -> None:
-        if len(keys) < 1:
-            raise ValueError("a routing tree needs at least one level of keys (depth >= 1), got 0")
-        k0 = keys[0]
-        if k0.ndim != 3 or k0.shape[0] != 1:
-            raise ValueError(f"keys[0] must have shape [1, B, n], got {tuple(k0.shape)}")
-        b, n = k0.shape[1], k0.shape[2]
-        for level, k in enumerate(keys):
-            want = (b**level, b, n)
-            if tuple(k.shape) != want:
-                raise ValueError(f"keys[{level}] must have shape {want}, got {tuple(k.shape)}")
+        if len(keys) == 0:
+            if n is None:
+                raise ValueError("a tree without keys (one leaf) needs its dimension: pass n, or use RoutingTree.single(n)")
+            self._n = check_positive_int("dimension n", n)
+        else:
+            k0 = keys[0]
+            if k0.ndim != 3 or k0.shape[0] != 1:
+                raise ValueError(f"keys[0] must have shape [1, B, n], got {tuple(k0.shape)}")
+            b, self._n = k0.shape[1], int(k0.shape[2])
+            if n is not None and n != self._n:
+                raise ValueError(f"n={n} does not match the keys' dimension {self._n}")
+            for level, k in enumerate(keys):
+                want = (b**level, b, self._n)
+                if tuple(k.shape) != want:
+                    raise ValueError(f"keys[{level}] must have shape {want}, got {tuple(k.shape)}")
         self.keys = [k.detach().to(torch.float32).contiguous() for k in keys]
+        for level, k in enumerate(self.keys):
+            if not bool(torch.isfinite(k).all()):
+                raise ValueError(f"keys[{level}] holds NaN or infinite values (after the cast to float32); "
+                                 "every key must be a finite point")
         self.kind = kind
         self.bounds = bounds
         self.axis_branching = axis_branching
         self._device_keys: dict[torch.device, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def single(cls, n: int) -> "RoutingTree":
+        """The one-leaf tree on ``R^n``: no keys, every point goes to leaf 0 (the dense baseline)."""
+        return cls([], kind="single", n=n)
+
     @classmethod
     def regular(
         cls,
@@ -112,12 +144,17 @@ class RoutingTree:
         sub-boxes, so a point is routed to the leaf box that contains it (points exactly on a
         shared face go to one of the two boxes).
         """
-        n = _positive_int(n, "dimension n")
-        depth = _positive_int(depth, "depth")
-        per_axis = (branching,) * n if isinstance(branching, (int, np.integer)) else tuple(branching)
+        n = check_positive_int("dimension n", n)
+        depth = check_positive_int("depth", depth)
+        if isinstance(branching, (int, np.integer)) and not isinstance(branching, bool):
+            per_axis: tuple[Any, ...] = (branching,) * n
+        elif isinstance(branching, (list, tuple)):
+            per_axis = tuple(branching)
+        else:
+            raise ValueError(f"branching must be an integer or one integer per axis, got {branching!r}")
         if len(per_axis) != n:
             raise ValueError(f"branching must give one value per axis ({n}), got {len(per_axis)}")
-        per_axis = tuple(_positive_int(p, "branching per axis") for p in per_axis)
+        per_axis = tuple(check_positive_int("branching per axis", p) for p in per_axis)
         if not (math.isfinite(a) and math.isfinite(b)) or not a < b:
             raise ValueError(f"the box needs finite a < b, got a={a}, b={b}; swap or fix them")
         big_b = math.prod(per_axis)
@@ -162,11 +199,11 @@ class RoutingTree:
         A node with fewer distinct points than ``branching`` gets repeated keys, so some of its
         leaves stay empty.
         """
-        depth = _positive_int(depth, "depth")
-        big_b = _positive_int(branching, "branching")
+        depth = check_positive_int("depth", depth)
+        big_b = check_positive_int("branching", branching)
         if big_b < 2:
             raise ValueError(f"branching must be >= 2, got {branching}")
-        iters = _positive_int(iters, "iters")
+        iters = check_positive_int("iters", iters)
         pts = _as_points(x).to(torch.float32)
         leaves = big_b**depth
         if leaves > _MAX_LEAVES:
@@ -225,7 +262,7 @@ class RoutingTree:
     @property
     def n(self) -> int:
         """Input dimension."""
-        return int(self.keys[0].shape[2])
+        return self._n
 
     @property
     def depth(self) -> int:
@@ -233,8 +270,8 @@ class RoutingTree:
 
     @property
     def branching(self) -> int:
-        """Children per internal node."""
-        return int(self.keys[0].shape[1])
+        """Children per internal node (1 for the one-leaf tree)."""
+        return int(self.keys[0].shape[1]) if self.keys else 1
 
     @property
     def num_leaves(self) -> int:
@@ -242,8 +279,8 @@ class RoutingTree:
 
     @property
     def leaf_keys(self) -> torch.Tensor:
-        """``[num_leaves, n]``: the key of every leaf, in leaf order."""
-        return self.keys[-1].reshape(-1, self.n)
+        """``[num_leaves, n]``: the key of every leaf, in leaf order (the origin for the one-leaf tree)."""
+        return self.keys[-1].reshape(-1, self.n) if self.keys else torch.zeros(1, self.n)
 
     @property
     def path_parameter_count(self) -> int:
@@ -279,11 +316,12 @@ class RoutingTree:
         chunk = max(1, _ROUTE_BLOCK // (self.branching * self.n))
         leaves, paths = [], []
         for start in range(0, len(pts), chunk):
-            xb = pts[start : start + chunk].to(torch.float32)
+            exact = pts[start : start + chunk]
+            xb = exact.to(torch.float32)
             node = torch.zeros(len(xb), dtype=torch.long, device=pts.device)
             steps = []
             for k in keys:
-                child = _nearest(xb, k[node])
+                child = _nearest(xb, k[node], exact)
                 node = node * self.branching + child
                 steps.append(child)
             leaves.append(node)
@@ -344,7 +382,7 @@ class RoutingTree:
         """
         if self.n != 2:
             raise ValueError(f"leaf_map() draws 2-D trees only; this tree has n={self.n}")
-        resolution = _positive_int(resolution, "resolution")
+        resolution = check_positive_int("resolution", resolution)
         a, b = bounds or self.bounds or (0.0, 1.0)
         xs = torch.linspace(a, b, resolution)
         gy, gx = torch.meshgrid(xs, xs, indexing="ij")
@@ -359,21 +397,36 @@ class RoutingTree:
             "bounds": list(self.bounds) if self.bounds else None,
             "axis_branching": list(self.axis_branching) if self.axis_branching else None,
             "keys": [k.clone() for k in self.keys],
+            "n": self.n,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "RoutingTree":
         bounds = tuple(state["bounds"]) if state.get("bounds") else None
         axis = tuple(state["axis_branching"]) if state.get("axis_branching") else None
-        return cls(list(state["keys"]), kind=state.get("kind", "custom"), bounds=bounds, axis_branching=axis)  # type: ignore[arg-type]
+        return cls(list(state["keys"]), kind=state.get("kind", "custom"), bounds=bounds, axis_branching=axis,  # type: ignore[arg-type]
+                   n=state.get("n"))
 
 
-def _nearest(x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+def _nearest(x: torch.Tensor, cand: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest of each point's candidate keys: ``x [N, n]``, ``cand [N, B, n]`` → ``[N]``.
 
-    ``cand`` must be a fresh tensor (e.g. the result of a gather): it is overwritten in place.
+    float32 squared distances first; rows whose smallest distance is not clearly unique are decided
+    again in float64 (from ``exact``, the points in their own precision) with the differences
+    ``d_j - d_0 = (k_j - k_0)·(k_j + k_0 - 2x)``, exact enough however far ``x`` is from the keys.
     """
-    return cand.sub_(x[:, None, :]).square_().sum(-1).argmin(1)
+    d = (cand - x[:, None, :]).square_().sum(-1)
+    best = d.argmin(1)
+    if cand.shape[1] < 2 or len(x) == 0:
+        return best
+    d_min = d.gather(1, best[:, None])
+    rows = torch.nonzero((d <= d_min * (1 + _TIE_RTOL)).sum(1) > 1).flatten()
+    if len(rows):
+        xe = (x if exact is None else exact)[rows].double()
+        k = cand[rows].double()
+        diff = ((k - k[:, :1]) * (k + k[:, :1] - 2 * xe[:, None, :])).sum(-1)
+        best[rows] = diff.argmin(1)
+    return best
 
 
 def _centroids(x: torch.Tensor, cluster: torch.Tensor, k: int, old: torch.Tensor) -> torch.Tensor:
