@@ -413,7 +413,8 @@ def _nearest(x: torch.Tensor, cand: torch.Tensor, exact: torch.Tensor | None = N
 
     float32 squared distances first; rows whose smallest distance is not clearly unique are decided
     again in float64 (from ``exact``, the points in their own precision) with the differences
-    ``d_j - d_0 = (k_j - k_0)·(k_j + k_0 - 2x)``, exact enough however far ``x`` is from the keys.
+    ``d_j - d_b = (k_j - k_b)·(k_j + k_b - 2x)`` to the current best ``b`` until ``b`` stays: a
+    coordinate where ``k_j`` and ``k_b`` agree adds exactly 0, however far ``x`` is from the keys.
     """
     d = (cand - x[:, None, :]).square_().sum(-1)
     best = d.argmin(1)
@@ -422,10 +423,16 @@ def _nearest(x: torch.Tensor, cand: torch.Tensor, exact: torch.Tensor | None = N
     d_min = d.gather(1, best[:, None])
     rows = torch.nonzero((d <= d_min * (1 + _TIE_RTOL)).sum(1) > 1).flatten()
     if len(rows):
-        xe = (x if exact is None else exact)[rows].double()
-        k = cand[rows].double()
-        diff = ((k - k[:, :1]) * (k + k[:, :1] - 2 * xe[:, None, :])).sum(-1)
-        best[rows] = diff.argmin(1)
+        xe = (x if exact is None else exact)[rows].double()[:, None, :]
+        k, b = cand[rows].double(), best[rows]
+        for _ in range(cand.shape[1]):
+            kb = k[torch.arange(len(rows)), b][:, None, :]
+            diff = ((k - kb) * (k + kb - 2 * xe)).sum(-1)
+            new = torch.where(diff.min(1).values < 0, diff.argmin(1), b)
+            if torch.equal(new, b):
+                break
+            b = new
+        best[rows] = b
     return best
 
 
