@@ -221,13 +221,13 @@ class RoutingTree:
             nodes = big_b**level
             k = cls._init_keys(pts, node, nodes, big_b, parent_keys, gen)
             for _ in range(iters):
-                child = _nearest(pts, k[node])
+                child = _nearest(pts, k, node)
                 new_k = _centroids(pts, node * big_b + child, nodes * big_b, k.reshape(-1, pts.shape[1]))
                 new_k = new_k.reshape(nodes, big_b, -1)
                 if torch.equal(new_k, k):
                     break
                 k = new_k
-            child = _nearest(pts, k[node])
+            child = _nearest(pts, k, node)
             keys.append(k)
             node = node * big_b + child
             parent_keys = k.reshape(-1, pts.shape[1])
@@ -321,7 +321,7 @@ class RoutingTree:
             node = torch.zeros(len(xb), dtype=torch.long, device=pts.device)
             steps = []
             for k in keys:
-                child = _nearest(xb, k[node], exact)
+                child = _nearest(xb, k, node, exact)
                 node = node * self.branching + child
                 steps.append(child)
             leaves.append(node)
@@ -408,24 +408,24 @@ class RoutingTree:
                    n=state.get("n"))
 
 
-def _nearest(x: torch.Tensor, cand: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of the nearest of each point's candidate keys: ``x [N, n]``, ``cand [N, B, n]`` → ``[N]``.
+def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor, exact: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the nearest child key of each point's node: ``x [N, n]``, ``keys [nodes, B, n]``, ``node [N]`` → ``[N]``.
 
     float32 squared distances first; rows whose smallest distance is not clearly unique are decided
     again in float64 (from ``exact``, the points in their own precision) with the differences
     ``d_j - d_b = (k_j - k_b)·(k_j + k_b - 2x)`` to the current best ``b`` until ``b`` stays: a
     coordinate where ``k_j`` and ``k_b`` agree adds exactly 0, however far ``x`` is from the keys.
     """
-    d = (cand - x[:, None, :]).square_().sum(-1)
+    d = keys[node].sub_(x[:, None, :]).square_().sum(-1)
     best = d.argmin(1)
-    if cand.shape[1] < 2 or len(x) == 0:
+    if keys.shape[1] < 2 or len(x) == 0:
         return best
     d_min = d.gather(1, best[:, None])
     rows = torch.nonzero((d <= d_min * (1 + _TIE_RTOL)).sum(1) > 1).flatten()
     if len(rows):
         xe = (x if exact is None else exact)[rows].double()[:, None, :]
-        k, b = cand[rows].double(), best[rows]
-        for _ in range(cand.shape[1]):
+        k, b = keys[node[rows]].double(), best[rows]
+        for _ in range(keys.shape[1]):
             kb = k[torch.arange(len(rows)), b][:, None, :]
             diff = ((k - kb) * (k + kb - 2 * xe)).sum(-1)
             new = torch.where(diff.min(1).values < 0, diff.argmin(1), b)
