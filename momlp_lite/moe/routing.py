@@ -1,24 +1,13 @@
 """Routing trees: send every input to exactly one expert (a leaf).
 
-The book's reading of Kratsios et al.'s "Algorithm 1: Routing Tree" (its text is not available,
-so this is our design choice, labelled as such in the chapters): every internal node holds one
-*prototype key* per child, and an input descends by choosing, at each level, the child whose key
-is nearest. Two ways to make the keys:
-
-* :meth:`RoutingTree.regular` — over the box [a, b]^n, the keys are the centres of nested
-  sub-boxes (``branching`` pieces per axis at every level), so routing finds the leaf box that
-  contains the input;
-* :meth:`RoutingTree.from_data` — recursive k-means: the keys of a node's children are the
-  k-means centroids of the training points that reached that node;
-* :meth:`RoutingTree.single` — one leaf and no keys: the dense baseline as a one-expert MoMLP.
-
-Every level has the same number ``B`` of children per node, so the nodes of level ``l`` are
-numbered ``0 .. B**l - 1`` and child ``c`` of node ``i`` is node ``i * B + c`` one level down.
-Routing a batch is one gather + one small distance computation per level: cost
-``O(depth * B * n)`` per point, against ``O(B**depth * n)`` for a flat nearest-leaf search.
-Distances are taken in float32; where the two nearest keys are too close to tell apart in float32
-(a point on a face, or a point far outside the box) the choice is made again in float64 from
-distance *differences*, which keep their precision however far the point is.
+The book's reading of Kratsios et al.'s "Algorithm 1: Routing Tree" (its text is not available): every
+internal node holds one *prototype key* per child and an input descends to the nearest child key, level
+by level. :meth:`RoutingTree.regular` puts the keys at the centres of nested sub-boxes of [a, b]^n,
+:meth:`RoutingTree.from_data` makes them by recursive k-means, :meth:`RoutingTree.single` is the one-leaf
+tree (no keys) of the dense baseline. Child ``c`` of node ``i`` is node ``i * B + c`` one level down, so
+routing costs ``O(depth * B * n)`` per point against ``O(B**depth * n)`` for a flat search. Distances are
+float32; where the two nearest keys cannot be told apart in float32 (a point on a face, or far outside
+the box) the choice is made again in float64 from distance differences.
 
 Taught in: book/routing_trees.
 """
@@ -72,32 +61,15 @@ def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
 class RoutingTree:
     """A tree of prototype keys that routes each point to one leaf.
 
-    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`; the constructor takes the
-    raw keys. Taught in: book/routing_trees.
-
-    Parameters
-    ----------
-    keys : list of tensors
-        ``keys[l]`` has shape ``[B**l, B, n]``: the keys of the ``B`` children of each node of level ``l``.
-        No keys (depth 0) is the one-leaf tree; then ``n`` must be given.
-    kind : str
-        ``"regular"``, ``"kmeans"`` or ``"single"`` (informational, plus cell geometry for regular trees).
-    bounds : (float, float), optional
-        The box [a, b]^n of a regular tree.
-    axis_branching : tuple of int, optional
-        Pieces per axis of a regular tree (their product is ``B``).
-    n : int, optional
-        Input dimension; needed only for the one-leaf tree (no keys).
+    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`. The constructor takes the raw
+    keys: ``keys[l]`` of shape ``[B**l, B, n]`` holds the keys of the ``B`` children of each node of level
+    ``l`` (finite; no keys is the one-leaf tree and needs ``n``). ``kind`` is informational; ``bounds``
+    (the box [a, b]) and ``axis_branching`` (pieces per axis) describe a regular tree's cells.
+    Taught in: book/routing_trees.
     """
 
-    def __init__(
-        self,
-        keys: Sequence[torch.Tensor],
-        kind: str = "custom",
-        bounds: tuple[float, float] | None = None,
-        axis_branching: tuple[int, ...] | None = None,
-        n: int | None = None,
-    ) -> None:
+    def __init__(self, keys: Sequence[torch.Tensor], kind: str = "custom", bounds: tuple[float, float] | None = None,
+                 axis_branching: tuple[int, ...] | None = None, n: int | None = None) -> None:
         if len(keys) == 0:
             if n is None:
                 raise ValueError("a tree without keys (one leaf) needs its dimension: pass n, or use RoutingTree.single(n)")
@@ -118,26 +90,17 @@ class RoutingTree:
             if not bool(torch.isfinite(k).all()):
                 raise ValueError(f"keys[{level}] holds NaN or infinite values (after the cast to float32); "
                                  "every key must be a finite point")
-        self.kind = kind
-        self.bounds = bounds
-        self.axis_branching = axis_branching
+        self.kind, self.bounds, self.axis_branching = kind, bounds, axis_branching
         self._device_keys: dict[torch.device, list[torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def single(cls, n: int) -> "RoutingTree":
         """The one-leaf tree on ``R^n``: no keys, every point goes to leaf 0 (the dense baseline)."""
         return cls([], kind="single", n=n)
 
     @classmethod
-    def regular(
-        cls,
-        n: int,
-        depth: int,
-        branching: int | Sequence[int] = 2,
-        a: float = 0.0,
-        b: float = 1.0,
-    ) -> "RoutingTree":
+    def regular(cls, n: int, depth: int, branching: int | Sequence[int] = 2, a: float = 0.0,
+                b: float = 1.0) -> "RoutingTree":
         """Regular tree over [a, b]^n: every level splits each box into ``branching`` pieces per axis.
 
         ``branching`` is one integer for every axis or one per axis; the keys are the centres of the
@@ -184,20 +147,11 @@ class RoutingTree:
         return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
 
     @classmethod
-    def from_data(
-        cls,
-        x: Any,
-        depth: int,
-        branching: int = 4,
-        iters: int = 25,
-        seed: int = 0,
-    ) -> "RoutingTree":
-        """Data-driven tree by recursive k-means (vectorised over all nodes of a level).
+    def from_data(cls, x: Any, depth: int, branching: int = 4, iters: int = 25, seed: int = 0) -> "RoutingTree":
+        """Data-driven tree by recursive k-means: Lloyd's algorithm inside every node of a level at once.
 
-        Each level runs Lloyd's algorithm inside every node at once: the children's keys are the
-        centroids of the points that reached the node. Needs at least ``branching**depth`` points.
-        A node with fewer distinct points than ``branching`` gets repeated keys, so some of its
-        leaves stay empty.
+        Needs at least ``branching**depth`` points; a node with fewer distinct points than ``branching``
+        gets repeated keys (some leaves stay empty). Taught in: book/routing_trees.
         """
         depth = check_positive_int("depth", depth)
         big_b = check_positive_int("branching", branching)
@@ -209,10 +163,8 @@ class RoutingTree:
         if leaves > _MAX_LEAVES:
             raise ValueError(f"{big_b}**{depth} = {leaves} leaves is too many; lower depth or branching")
         if len(pts) < leaves:
-            raise ValueError(
-                f"k-means tree with branching={big_b}, depth={depth} has {leaves} leaves but got only "
-                f"{len(pts)} points; give at least one point per leaf or lower depth/branching"
-            )
+            raise ValueError(f"k-means tree with branching={big_b}, depth={depth} has {leaves} leaves but got only "
+                             f"{len(pts)} points; give at least one point per leaf or lower depth/branching")
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         node = torch.zeros(len(pts), dtype=torch.long, device=pts.device)
         parent_keys = pts.mean(0, keepdim=True)  # [1, n] where the root "is"
@@ -222,8 +174,7 @@ class RoutingTree:
             k = cls._init_keys(pts, node, nodes, big_b, parent_keys, gen)
             for _ in range(iters):
                 child = _nearest(pts, k, node)
-                new_k = _centroids(pts, node * big_b + child, nodes * big_b, k.reshape(-1, pts.shape[1]))
-                new_k = new_k.reshape(nodes, big_b, -1)
+                new_k = _centroids(pts, node * big_b + child, nodes * big_b, k.reshape(-1, pts.shape[1])).reshape(nodes, big_b, -1)
                 if torch.equal(new_k, k):
                     break
                 k = new_k
@@ -234,31 +185,22 @@ class RoutingTree:
         return cls([k.cpu() for k in keys], kind="kmeans")
 
     @staticmethod
-    def _init_keys(
-        pts: torch.Tensor,
-        node: torch.Tensor,
-        nodes: int,
-        big_b: int,
-        parent_keys: torch.Tensor,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
+    def _init_keys(pts: torch.Tensor, node: torch.Tensor, nodes: int, big_b: int, parent_keys: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
         """Pick ``big_b`` random member points of every node as initial keys (all nodes at once)."""
         n = pts.shape[1]
         priority = torch.rand(len(pts), generator=gen).to(pts.device)
         order = torch.argsort(node.to(torch.float64) + priority.to(torch.float64))
         counts = torch.bincount(node, minlength=nodes)
         starts = torch.cumsum(counts, 0) - counts
-        j = torch.arange(big_b, device=pts.device)
-        safe = counts.clamp(min=1)
-        pos = starts[:, None] + (j[None, :] % safe[:, None])  # repeat members when too few
-        pos = pos.clamp(max=max(len(pts) - 1, 0))
+        j = torch.arange(big_b, device=pts.device)  # repeat members when too few:
+        pos = (starts[:, None] + (j[None, :] % counts.clamp(min=1)[:, None])).clamp(max=max(len(pts) - 1, 0))
         k = pts[order[pos]]  # [nodes, B, n]
         empty = counts == 0
         if bool(empty.any()):  # an empty node keeps its own location for every child
             k[empty] = parent_keys[empty][:, None, :].expand(-1, big_b, n)
         return k
 
-    # ------------------------------------------------------------------ properties
     @property
     def n(self) -> int:
         """Input dimension."""
@@ -299,7 +241,6 @@ class RoutingTree:
             f"branching={self.branching}, leaves={self.num_leaves}{extra})"
         )
 
-    # ------------------------------------------------------------------ routing
     def _keys_on(self, device: torch.device) -> list[torch.Tensor]:
         if device not in self._device_keys:
             self._device_keys[device] = [k.to(device) for k in self.keys]
@@ -354,7 +295,6 @@ class RoutingTree:
         """How many points of ``x`` land in each leaf (``[num_leaves]``)."""
         return torch.bincount(self.route(x), minlength=self.num_leaves)
 
-    # ------------------------------------------------------------------ geometry
     def leaf_cells(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Boxes of a regular tree's leaves: ``(lo, hi)``, each ``[num_leaves, n]``, in leaf order."""
         if self.kind != "regular" or self.bounds is None or self.axis_branching is None:
@@ -371,11 +311,8 @@ class RoutingTree:
             lo = (lo[:, None, :] + offsets[None] * size).reshape(-1, self.n)
         return lo, lo + size
 
-    def leaf_map(
-        self,
-        resolution: int = 200,
-        bounds: tuple[float, float] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def leaf_map(self, resolution: int = 200,
+                 bounds: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route a ``resolution × resolution`` raster over a 2-D box: ``(xs, ys, leaf_ids)``.
 
         ``leaf_ids[i, j]`` is the leaf of point ``(xs[j], ys[i])`` — the layout plotly heatmaps use.
@@ -389,7 +326,6 @@ class RoutingTree:
         ids = self.route(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).reshape(resolution, resolution)
         return xs, xs.clone(), ids
 
-    # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, Any]:
         """Plain description (tensors + JSON-able metadata) from which :meth:`from_state_dict` rebuilds the tree."""
         return {
