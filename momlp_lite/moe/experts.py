@@ -99,18 +99,20 @@ class StackedMLP(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        """Number of experts ``L`` in this stack."""
+        """Number of experts ``L`` in this stack. Taught in: book/momlp_grid_regression."""
         return int(self.weights[0].shape[0])
 
     @property
     def config(self) -> ExpertConfig:
-        """The shape of one expert: enough to rebuild it with :meth:`from_expert_states`."""
+        """The shape of one expert: enough to rebuild it with :meth:`from_expert_states`.
+        Taught in: book/momlp_grid_regression."""
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
 
     @property
     def parameters_per_expert(self) -> int:
-        """Trainable parameters of one expert (what a forward pass of one input loads)."""
+        """Trainable parameters of one expert (what a forward pass of one input loads).
+        Taught in: book/momlp_grid_regression."""
         return mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out, self.prelu, self.batchnorm)
 
     def extra_repr(self) -> str:
@@ -180,7 +182,7 @@ class StackedMLP(nn.Module):
         """Lockstep forward: ``x [L, B, n_in] -> [L, B, n_out]``, row ``l`` through expert ``l``.
 
         A ``[B, n_in]`` input is sent through every expert (``-> [L, B, n_out]``). In training mode
-        with BatchNorm each expert normalises over its own ``B`` samples.
+        with BatchNorm each expert normalises over its own ``B`` samples. Taught in: book/momlp_grid_regression.
         """
         L = self.num_experts
         self._check_dtype(x)
@@ -202,7 +204,8 @@ class StackedMLP(nn.Module):
                              "(or build the experts with that dtype)")
 
     def local_index(self, leaf: torch.Tensor) -> torch.Tensor:
-        """Map global expert ids to rows of this stack (ValueError for ids it does not hold)."""
+        """Map global expert ids to rows of this stack (ValueError for ids it does not hold).
+        Taught in: book/momlp_grid_regression."""
         leaf = torch.as_tensor(leaf, device=self.expert_ids.device).long()
         ids = self.expert_ids
         table = torch.full((int(ids.max()) + 2,), -1, dtype=torch.long, device=ids.device)
@@ -225,7 +228,7 @@ class StackedMLP(nn.Module):
         activation elements — no loop over experts. ``L'`` is the number of experts that received
         rows when that is at most half the stack (their weights are gathered), else all experts.
         Training-mode BatchNorm is refused (padding would enter the statistics): call ``.eval()``
-        or train with :meth:`forward`.
+        or train with :meth:`forward`. Taught in: book/momlp_grid_regression.
         """
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"forward_routed expects x of shape [N, {self.n_in}], got {tuple(x.shape)}")
@@ -303,7 +306,8 @@ class StackedMLP(nn.Module):
     def from_expert_states(cls, states: Sequence[Mapping[str, torch.Tensor]], config: ExpertConfig,
                            expert_ids: Sequence[int] | torch.Tensor | None = None,
                            device: torch.device | str | None = None) -> "StackedMLP":
-        """Build a stack from per-expert states (:meth:`expert_state`); ValueError if keys do not match ``config``."""
+        """Build a stack from per-expert states (:meth:`expert_state`); ValueError if keys do not match ``config``.
+        Taught in: book/momlp_grid_regression."""
         if len(states) == 0:
             raise ValueError("from_expert_states needs at least one expert state, got none")
         dtype = next(iter(states[0].values())).dtype
@@ -318,7 +322,8 @@ class StackedMLP(nn.Module):
         return stack
 
     def subset(self, expert_ids: Sequence[int] | torch.Tensor) -> "StackedMLP":
-        """A new stack holding copies of the experts with these global ids (in this order)."""
+        """A new stack holding copies of the experts with these global ids (in this order).
+        Taught in: book/momlp_grid_regression."""
         ids = torch.as_tensor(expert_ids, dtype=torch.long).flatten()
         rows = self.local_index(ids)
         dev = self.weights[0].device
@@ -330,7 +335,8 @@ class StackedMLP(nn.Module):
         return stack
 
     def load_experts_(self, other: "StackedMLP") -> "StackedMLP":
-        """Copy every expert of ``other`` into the rows of this stack with the same global ids."""
+        """Copy every expert of ``other`` into the rows of this stack with the same global ids.
+        Taught in: book/momlp_grid_regression."""
         if other.config != self.config:
             raise ValueError(f"cannot load experts of shape {other.config} into a stack of shape {self.config}")
         rows = self.local_index(other.expert_ids.to(self.expert_ids.device))
@@ -385,7 +391,8 @@ class StackedMLP(nn.Module):
         return seq
 
     def load_expert_module_(self, expert_id: int, module: nn.Sequential) -> "StackedMLP":
-        """Write a module built by :meth:`expert_module` back into row ``expert_id`` (global id)."""
+        """Write a module built by :meth:`expert_module` back into row ``expert_id`` (global id).
+        Taught in: book/momlp_grid_regression."""
         row = int(self.local_index(torch.tensor([expert_id]))[0])
         sd, layout = module.state_dict(), self._module_layout()
         if set(sd) != {a for a, _, _ in layout}:

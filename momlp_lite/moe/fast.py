@@ -24,7 +24,7 @@ __all__ = ["FastOptions", "FastStep", "train_experts_fast"]
 @dataclass(frozen=True)
 class FastOptions:
     """GPU levers: ``bf16`` autocast; ``fused`` Adam (``None``: on CUDA only); ``compile`` (``True`` or a
-    mode string, CUDA only); ``cuda_graph`` (CUDA only)."""
+    mode string, CUDA only); ``cuda_graph`` (CUDA only). Taught in: book/momlp_grid_regression."""
 
     bf16: bool = False
     fused: bool | None = None
@@ -33,7 +33,8 @@ class FastOptions:
 
 
 class FastStep:
-    """One lockstep step with the levers of ``options``: ``step(xb [L, B, in], yb) -> losses [L]``."""
+    """One lockstep step with the levers of ``options``: ``step(xb [L, B, in], yb) -> losses [L]``.
+    Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig, options: FastOptions = FastOptions(),
                  device: torch.device | str | None = None) -> None:
@@ -52,7 +53,8 @@ class FastStep:
         self._graph: Any = None
 
     def autocast(self) -> Any:
-        """bf16 autocast when asked for (weight-cast cache off under CUDA graphs), else a no-op."""
+        """bf16 autocast when asked for (weight-cast cache off under CUDA graphs), else a no-op.
+        Taught in: book/momlp_grid_regression."""
         if not self.opts.bf16:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
@@ -104,6 +106,7 @@ class FastStep:
 def train_experts_fast(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
                        config: TrainConfig | None = None, options: FastOptions = FastOptions(),
                        expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
-    """:func:`momlp_lite.moe.trainer.train_experts` with :class:`FastStep` (same loop, same records)."""
+    """:func:`momlp_lite.moe.trainer.train_experts` with :class:`FastStep` (same loop, same records).
+    Taught in: book/momlp_grid_regression."""
     return train_experts(model, x, y, leaf, config, expert_ids,
                          make_step=lambda net, cfg: FastStep(net, cfg, options))

@@ -45,7 +45,7 @@ class LeafSplit:
     """Rows of the data grouped by expert: ``train_rows`` / ``val_rows`` are sorted by expert.
 
     ``n_train[j]`` / ``n_val[j]`` rows belong to ``expert_ids[j]``; the shard of expert ``j``
-    starts at ``train_offsets[j]`` (``val_offsets[j]``).
+    starts at ``train_offsets[j]`` (``val_offsets[j]``). Taught in: book/momlp_grid_regression.
     """
 
     expert_ids: torch.Tensor
@@ -59,13 +59,13 @@ class LeafSplit:
         return torch.cumsum(self.n_train, 0) - self.n_train
 
     def rows_of(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training and validation rows of the ``j``-th expert."""
+        """Training and validation rows of the ``j``-th expert. Taught in: book/momlp_grid_regression."""
         t0, v0 = int(self.train_offsets[j]), int((torch.cumsum(self.n_val, 0) - self.n_val)[j])
         return self.train_rows[t0 : t0 + int(self.n_train[j])], self.val_rows[v0 : v0 + int(self.n_val[j])]
 
     @property
     def val_local(self) -> torch.Tensor:
-        """For every validation row, the index ``j`` of its expert."""
+        """For every validation row, the index ``j`` of its expert. Taught in: book/momlp_grid_regression."""
         return torch.repeat_interleave(torch.arange(len(self.n_val)), self.n_val)
 
 
@@ -76,6 +76,7 @@ def split_by_leaf(
 
     Which rows of a leaf go to validation depends only on ``(seed, leaf id, rank of the row among
     that leaf's rows)``, so the split of one expert does not depend on which other experts are trained.
+    Taught in: book/momlp_grid_regression.
     """
     leaf = leaf.cpu().long()
     ids = expert_ids.cpu().long()
@@ -106,7 +107,7 @@ class LockstepSampler:
     (``max(1, n[j] // B)`` batches; the remainder of a permutation is dropped; a shard smaller than
     ``B`` repeats samples within the batch). Permutation ``e`` of expert ``j`` is the argsort of
     hash keys of ``(seed, expert id, e, position)``: no state is shared between experts, and all
-    experts' permutations are made at once (no loop over experts).
+    experts' permutations are made at once (no loop over experts). Taught in: book/momlp_grid_regression.
     """
 
     def __init__(self, n: torch.Tensor, expert_ids: torch.Tensor, batch_size: int, seed: int,
@@ -134,7 +135,8 @@ class LockstepSampler:
         self._arange_b = torch.arange(self.batch, device=self.device)
 
     def indices(self, step: int) -> torch.Tensor:
-        """Positions ``[L, B]`` (into each expert's own shard) of the samples of ``step``."""
+        """Positions ``[L, B]`` (into each expert's own shard) of the samples of ``step``.
+        Taught in: book/momlp_grid_regression."""
         epoch = step // self.per_epoch
         stale = torch.nonzero((epoch < self.base) | (epoch >= self.base + self.epochs_per_block)).flatten()
         if len(stale):

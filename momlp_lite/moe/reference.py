@@ -26,7 +26,8 @@ __all__ = ["train_experts_serial"]
 def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
                          config: TrainConfig | None = None,
                          expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
-    """Train each expert alone with its own ``torch.optim.Adam``/``AdamW``; same arguments as ``train_experts``."""
+    """Train each expert alone with its own ``torch.optim.Adam``/``AdamW``; same arguments as ``train_experts``.
+    Taught in: book/momlp_grid_regression."""
     cfg = config or TrainConfig()
     job = plan_training(model, x, y, leaf, cfg, expert_ids)
     dev, s = job.device, job.split

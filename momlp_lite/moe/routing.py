@@ -95,7 +95,8 @@ class RoutingTree:
 
     @classmethod
     def single(cls, n: int) -> "RoutingTree":
-        """The one-leaf tree on ``R^n``: no keys, every point goes to leaf 0 (the dense baseline)."""
+        """The one-leaf tree on ``R^n``: no keys, every point goes to leaf 0 (the dense baseline).
+        Taught in: book/routing_trees."""
         return cls([], kind="single", n=n)
 
     @classmethod
@@ -105,7 +106,7 @@ class RoutingTree:
 
         ``branching`` is one integer for every axis or one per axis; the keys are the centres of the
         sub-boxes, so a point is routed to the leaf box that contains it (points exactly on a
-        shared face go to one of the two boxes).
+        shared face go to one of the two boxes). Taught in: book/routing_trees.
         """
         n = check_positive_int("dimension n", n)
         depth = check_positive_int("depth", depth)
@@ -203,7 +204,7 @@ class RoutingTree:
 
     @property
     def n(self) -> int:
-        """Input dimension."""
+        """Input dimension. Taught in: book/routing_trees."""
         return self._n
 
     @property
@@ -212,7 +213,7 @@ class RoutingTree:
 
     @property
     def branching(self) -> int:
-        """Children per internal node (1 for the one-leaf tree)."""
+        """Children per internal node (1 for the one-leaf tree). Taught in: book/routing_trees."""
         return int(self.keys[0].shape[1]) if self.keys else 1
 
     @property
@@ -221,17 +222,18 @@ class RoutingTree:
 
     @property
     def leaf_keys(self) -> torch.Tensor:
-        """``[num_leaves, n]``: the key of every leaf, in leaf order (the origin for the one-leaf tree)."""
+        """``[num_leaves, n]``: the key of every leaf, in leaf order (the origin for the one-leaf tree).
+        Taught in: book/routing_trees."""
         return self.keys[-1].reshape(-1, self.n) if self.keys else torch.zeros(1, self.n)
 
     @property
     def path_parameter_count(self) -> int:
-        """Key coordinates read while routing one point: ``depth * B * n``."""
+        """Key coordinates read while routing one point: ``depth * B * n``. Taught in: book/routing_trees."""
         return self.depth * self.branching * self.n
 
     @property
     def parameter_count(self) -> int:
-        """All key coordinates stored in the tree."""
+        """All key coordinates stored in the tree. Taught in: book/routing_trees."""
         return sum(k.numel() for k in self.keys)
 
     def __repr__(self) -> str:
@@ -250,7 +252,7 @@ class RoutingTree:
         """Leaf id of every point of ``x`` (``[N, n]``), descending by nearest key per level.
 
         Returns a ``[N]`` long tensor on ``x``'s device; with ``return_path=True`` also the
-        ``[N, depth]`` child index chosen at every level.
+        ``[N, depth]`` child index chosen at every level. Taught in: book/routing_trees.
         """
         pts = _as_points(x, self.n)
         keys = self._keys_on(pts.device)
@@ -279,6 +281,7 @@ class RoutingTree:
         """Brute-force routing: the nearest *leaf* key among all ``num_leaves`` of them.
 
         For a regular tree this equals :meth:`route`; it is the ``O(num_leaves)`` baseline.
+        Taught in: book/routing_trees.
         """
         pts = _as_points(x, self.n)
         leaf_keys = self._keys_on(pts.device)[-1].reshape(-1, self.n)
@@ -292,11 +295,12 @@ class RoutingTree:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=pts.device)
 
     def leaf_counts(self, x: Any) -> torch.Tensor:
-        """How many points of ``x`` land in each leaf (``[num_leaves]``)."""
+        """How many points of ``x`` land in each leaf (``[num_leaves]``). Taught in: book/routing_trees."""
         return torch.bincount(self.route(x), minlength=self.num_leaves)
 
     def leaf_cells(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boxes of a regular tree's leaves: ``(lo, hi)``, each ``[num_leaves, n]``, in leaf order."""
+        """Boxes of a regular tree's leaves: ``(lo, hi)``, each ``[num_leaves, n]``, in leaf order.
+        Taught in: book/routing_trees."""
         if self.kind != "regular" or self.bounds is None or self.axis_branching is None:
             raise ValueError(
                 f"leaf_cells() needs a regular tree (kind={self.kind!r}); use leaf_map() for any 2-D tree"
@@ -316,6 +320,7 @@ class RoutingTree:
         """Route a ``resolution × resolution`` raster over a 2-D box: ``(xs, ys, leaf_ids)``.
 
         ``leaf_ids[i, j]`` is the leaf of point ``(xs[j], ys[i])`` — the layout plotly heatmaps use.
+        Taught in: book/routing_trees.
         """
         if self.n != 2:
             raise ValueError(f"leaf_map() draws 2-D trees only; this tree has n={self.n}")
@@ -327,7 +332,8 @@ class RoutingTree:
         return xs, xs.clone(), ids
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain description (tensors + JSON-able metadata) from which :meth:`from_state_dict` rebuilds the tree."""
+        """Plain description (tensors + JSON-able metadata) from which :meth:`from_state_dict` rebuilds the tree.
+        Taught in: book/routing_trees."""
         return {
             "kind": self.kind,
             "bounds": list(self.bounds) if self.bounds else None,

@@ -40,7 +40,8 @@ EVAL_CHUNK = 256  # validation rows per expert per forward: fixed, so no expert'
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An expert's training or validation loss became NaN or infinite; ``experts`` lists their ids."""
+    """An expert's training or validation loss became NaN or infinite; ``experts`` lists their ids.
+    Taught in: book/momlp_grid_regression."""
 
     def __init__(self, experts: list[int], step: int) -> None:
         self.experts, self.step = [int(e) for e in experts], int(step)
@@ -125,22 +126,25 @@ class TrainResult:
 
     @property
     def samples_per_second(self) -> float:
-        """Training samples processed per second (all experts together)."""
+        """Training samples processed per second (all experts together). Taught in: book/momlp_grid_regression."""
         return self.steps_run * self.batch_size * len(self.expert_ids) / max(self.seconds, 1e-12)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers (JSON-ready; NaN stays NaN), without the config object."""
+        """Plain lists and numbers (JSON-ready; NaN stays NaN), without the config object.
+        Taught in: book/momlp_grid_regression."""
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items() if k != "config"}
         return {**out, "samples_per_second": self.samples_per_second}
 
     def history(self, expert_id: int) -> dict[str, np.ndarray]:
-        """Evaluation steps with train/validation loss of one expert (global id)."""
+        """Evaluation steps with train/validation loss of one expert (global id).
+        Taught in: book/momlp_grid_regression."""
         j = self.expert_ids.index(int(expert_id))
         return {"step": np.asarray(self.eval_steps), "train_loss": self.train_loss[:, j], "val_loss": self.val_loss[:, j]}
 
 
 def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean loss of each expert: ``pred [L, B, out]``, target ``[L, B, out]`` (or ``[L, B]`` ids) -> ``[L]``."""
+    """Mean loss of each expert: ``pred [L, B, out]``, target ``[L, B, out]`` (or ``[L, B]`` ids) -> ``[L]``.
+    Taught in: book/momlp_grid_regression."""
     if loss == "mse":
         return (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
     L, B, C = pred.shape
@@ -148,7 +152,8 @@ def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torc
 
 
 def make_optimizer(params: Any, cfg: TrainConfig, **extra: Any) -> torch.optim.Optimizer:
-    """``torch.optim.Adam``/``AdamW`` with the config's learning rate and weight decay."""
+    """``torch.optim.Adam``/``AdamW`` with the config's learning rate and weight decay.
+    Taught in: book/momlp_grid_regression."""
     wd = {} if cfg.weight_decay is None else {"weight_decay": cfg.weight_decay}
     return (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(params, lr=cfg.lr, **wd, **extra)
 
@@ -160,7 +165,8 @@ class LockstepStep:
     """
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig) -> None:
-        self.net, self.loss, self.opt = net, cfg.loss, make_optimizer(net.parameters(), cfg)
+        # foreach: one kernel per op over all parameter tensors (the same update as the default loop)
+        self.net, self.loss, self.opt = net, cfg.loss, make_optimizer(net.parameters(), cfg, foreach=True)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         losses = per_expert_loss(self.net(xb), yb, self.loss)
@@ -209,7 +215,8 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
 
 @dataclass
 class Plan:
-    """Which experts train (``ids``), their split, the step budget, evaluation interval and device."""
+    """Which experts train (``ids``), their split, the step budget, evaluation interval and device.
+    Taught in: book/momlp_grid_regression."""
 
     ids: torch.Tensor
     skipped: list[int]
@@ -221,7 +228,8 @@ class Plan:
 
 def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
                   expert_ids: Sequence[int] | torch.Tensor | None) -> Plan:
-    """Check the data and decide what to train (shared by the lockstep trainer and its reference)."""
+    """Check the data and decide what to train (shared by the lockstep trainer and its reference).
+    Taught in: book/momlp_grid_regression."""
     _check_data(model, x, y, leaf, cfg.loss)
     leaf = leaf.long()
     ids = model.expert_ids.cpu() if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
@@ -252,7 +260,7 @@ def validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n
     """Mean validation loss per expert (NaN without validation rows), from ``[L, V, ...]`` padded rows.
 
     Every expert's rows run in chunks of exactly ``EVAL_CHUNK`` (zero padded), so its loss is the same
-    bit for bit whichever experts share its lockstep group.
+    bit for bit whichever experts share its lockstep group. Taught in: book/momlp_grid_regression.
     """
     L, V = x_val.shape[:2]
     total = torch.zeros(L, device=x_val.device)
@@ -361,7 +369,8 @@ def train_experts(
 
 
 def train_dense(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None) -> TrainResult:
-    """Deprecated: a one-expert stack trained on every row is :func:`train_experts` with one leaf."""
+    """Deprecated: a one-expert stack trained on every row is :func:`train_experts` with one leaf.
+    Taught in: book/momlp_grid_regression."""
     if model.num_experts != 1:
         raise ValueError(f"train_dense needs a stack of one expert, got {model.num_experts}; use train_experts")
     return train_experts(model, x, y, torch.full((len(x),), int(model.expert_ids[0])), config)
