@@ -104,15 +104,13 @@ class StackedMLP(nn.Module):
 
     @property
     def config(self) -> ExpertConfig:
-        """The shape of one expert: enough to rebuild it with :meth:`from_expert_states`.
-        Taught in: book/momlp_grid_regression."""
+        """The shape of one expert, to rebuild it with :meth:`from_expert_states`. Taught in: book/momlp_grid_regression."""
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
 
     @property
     def parameters_per_expert(self) -> int:
-        """Trainable parameters of one expert (what a forward pass of one input loads).
-        Taught in: book/momlp_grid_regression."""
+        """Trainable parameters of one expert (what one forward pass loads). Taught in: book/momlp_grid_regression."""
         return mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out, self.prelu, self.batchnorm)
 
     def extra_repr(self) -> str:
@@ -204,8 +202,7 @@ class StackedMLP(nn.Module):
                              "(or build the experts with that dtype)")
 
     def local_index(self, leaf: torch.Tensor) -> torch.Tensor:
-        """Map global expert ids to rows of this stack (ValueError for ids it does not hold).
-        Taught in: book/momlp_grid_regression."""
+        """Global expert ids -> rows of this stack (ValueError for ids it lacks). Taught in: book/momlp_grid_regression."""
         leaf = torch.as_tensor(leaf, device=self.expert_ids.device).long()
         ids = self.expert_ids
         table = torch.full((int(ids.max()) + 2,), -1, dtype=torch.long, device=ids.device)
@@ -322,8 +319,7 @@ class StackedMLP(nn.Module):
         return stack
 
     def subset(self, expert_ids: Sequence[int] | torch.Tensor) -> "StackedMLP":
-        """A new stack holding copies of the experts with these global ids (in this order).
-        Taught in: book/momlp_grid_regression."""
+        """A new stack with copies of the experts with these global ids, in order. Taught in: book/momlp_grid_regression."""
         ids = torch.as_tensor(expert_ids, dtype=torch.long).flatten()
         rows = self.local_index(ids)
         dev = self.weights[0].device
@@ -335,8 +331,7 @@ class StackedMLP(nn.Module):
         return stack
 
     def load_experts_(self, other: "StackedMLP") -> "StackedMLP":
-        """Copy every expert of ``other`` into the rows of this stack with the same global ids.
-        Taught in: book/momlp_grid_regression."""
+        """Copy every expert of ``other`` into this stack's rows of the same ids. Taught in: book/momlp_grid_regression."""
         if other.config != self.config:
             raise ValueError(f"cannot load experts of shape {other.config} into a stack of shape {self.config}")
         rows = self.local_index(other.expert_ids.to(self.expert_ids.device))
@@ -391,8 +386,7 @@ class StackedMLP(nn.Module):
         return seq
 
     def load_expert_module_(self, expert_id: int, module: nn.Sequential) -> "StackedMLP":
-        """Write a module built by :meth:`expert_module` back into row ``expert_id`` (global id).
-        Taught in: book/momlp_grid_regression."""
+        """Write an :meth:`expert_module` back into row ``expert_id``. Taught in: book/momlp_grid_regression."""
         row = int(self.local_index(torch.tensor([expert_id]))[0])
         sd, layout = module.state_dict(), self._module_layout()
         if set(sd) != {a for a, _, _ in layout}:
