@@ -9,10 +9,13 @@ Modes
 -----
 serial   one ``nn.Sequential`` + one optimizer per expert, stepped one after another (the loop the
          lockstep trainer replaces). Timed on ``--serial-experts`` experts and scaled to L.
-batched  ``StackedMLP`` + :class:`momlp_lite.moe.trainer.TrainStep` (fused Adam on CUDA).
+batched  ``StackedMLP`` + :class:`momlp_lite.moe.fast.FastStep` (fused Adam on CUDA).
 graph    batched, with the whole step captured in a CUDA graph (CUDA only).
 compile  batched, with ``torch.compile`` of forward+loss (CUDA only, opt-in: ``--modes ... compile``).
 dense    one MLP with as many parameters as all L experts, batch L*B (capped by ``--dense-max-batch``).
+
+With ``--trainers`` it also times the whole trainers end to end (``train_experts``, the lockstep loop, against
+``train_experts_serial``, the plain reference loop) on the same work and reports expert-steps per second.
 
 Examples
 --------
@@ -41,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from momlp_lite.runtime import get_device  # noqa: E402
 from momlp_lite.moe.experts import StackedMLP  # noqa: E402
 from momlp_lite.runtime import write_results  # noqa: E402
-from momlp_lite.moe.trainer import TrainConfig, TrainStep  # noqa: E402
+from momlp_lite.moe.fast import FastOptions, FastStep  # noqa: E402
+from momlp_lite.moe.reference import train_experts_serial  # noqa: E402
+from momlp_lite.moe.trainer import TrainConfig, train_experts  # noqa: E402
 
 
 def macs_per_sample(model: StackedMLP) -> int:
@@ -70,15 +75,15 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
     return statistics.median(runs)
 
 
-def config_for(precision: str, mode: str, lr: float) -> TrainConfig:
-    return TrainConfig(lr=lr, bf16=precision == "bf16", cuda_graph=mode == "graph", compile=mode == "compile",
-                       progress=False)
+def make_step(net: torch.nn.Module, precision: str, mode: str, lr: float, device: torch.device) -> FastStep:
+    opts = FastOptions(bf16=precision == "bf16", cuda_graph=mode == "graph", compile=mode == "compile")
+    return FastStep(net, TrainConfig(lr=lr, progress=False), opts, device)
 
 
 def bench_batched(L: int, B: int, args: argparse.Namespace, precision: str, mode: str,
                   device: torch.device) -> dict[str, float]:
     model = StackedMLP(L, args.n_in, args.width, args.hidden_layers, 1, device=device)
-    step = TrainStep(model, model, config_for(precision, mode, args.lr), device)
+    step = make_step(model, precision, mode, args.lr, device)
     x = torch.randn(L, B, args.n_in, device=device)
     y = torch.randn(L, B, 1, device=device)
     sec = time_steps(lambda: step(x, y), args.steps, args.warmup, device, args.repeats)
@@ -90,9 +95,8 @@ def bench_batched(L: int, B: int, args: argparse.Namespace, precision: str, mode
 def bench_serial(L: int, B: int, args: argparse.Namespace, precision: str, device: torch.device) -> dict[str, float]:
     timed = min(L, args.serial_experts)
     stack = StackedMLP(timed, args.n_in, args.width, args.hidden_layers, 1, device=device)
-    cfg = config_for(precision, "serial", args.lr)
     experts = [stack.expert_module(i) for i in range(timed)]
-    steps = [TrainStep(m, lambda xb, m=m: m(xb[0]).unsqueeze(0), cfg, device) for m in experts]
+    steps = [make_step(m, precision, "serial", args.lr, device) for m in experts]  # nn.Sequential on [1, B, in]
     x = torch.randn(1, B, args.n_in, device=device)
     y = torch.randn(1, B, 1, device=device)
 
@@ -111,12 +115,34 @@ def bench_dense(L: int, B: int, args: argparse.Namespace, precision: str, device
     model = StackedMLP.dense_with_budget(L * experts.parameters_per_expert, args.n_in, args.hidden_layers, 1,
                                          device=device)
     batch = min(L * B, args.dense_max_batch)
-    step = TrainStep(model, model, config_for(precision, "dense", args.lr), device)
+    step = make_step(model, precision, "dense", args.lr, device)
     x = torch.randn(1, batch, args.n_in, device=device)
     y = torch.randn(1, batch, 1, device=device)
     sec = time_steps(lambda: step(x, y), max(1, args.steps // 2), args.warmup, device, args.repeats)
     return dict(seconds_per_step=sec, samples_per_s=batch / sec, dense_batch=batch, width=model.width,
                 tflops=6 * macs_per_sample(model) * batch / sec / 1e12)
+
+
+def bench_trainers(L: int, B: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Whole trainers on the same work: expert-steps per second of the lockstep loop and of the serial loop."""
+    g = torch.Generator().manual_seed(0)
+    n = L * B * 4
+    x = torch.rand(n, args.n_in, generator=g)
+    y = torch.sin(x.sum(1, keepdim=True))
+    leaf = torch.arange(n) % L
+    cfg = TrainConfig(lr=1e-3, batch_size=B, max_steps=args.trainer_steps, eval_every=max(1, args.trainer_steps // 2),
+                      patience=None, progress=False, device=str(device))
+    out = {}
+    for name, train in (("lockstep", train_experts), ("serial", train_experts_serial)):
+        best = float("inf")
+        for _ in range(args.repeats):
+            model = StackedMLP(L, args.n_in, args.width, args.hidden_layers, 1, seed=0, device=device)
+            t0 = time.perf_counter()
+            train(model, x, y, leaf, cfg)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = L * cfg.max_steps / best
+    return dict(lockstep_expert_steps_per_s=out["lockstep"], serial_expert_steps_per_s=out["serial"],
+                ratio_lockstep_over_serial=out["lockstep"] / out["serial"], steps=cfg.max_steps)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,6 +161,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serial-experts", type=int, default=16, help="experts the serial loop is timed on")
     p.add_argument("--dense-max-batch", type=int, default=65536)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--trainers", action="store_true", help="also time train_experts against train_experts_serial")
+    p.add_argument("--trainer-steps", type=int, default=40, help="steps per trainer run with --trainers")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None)
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -203,6 +231,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      speedup_vs_serial=ratio,
                                      samples_ratio_vs_dense=(best[0] / found["dense"]["samples_per_s"]
                                                              if "dense" in found else None)))
+    if args.trainers:
+        for L in args.experts:
+            for B in args.batches:
+                r = bench_trainers(L, B, args, device)
+                print(f"{L:>4} {B:>5}  trainers: lockstep {r['lockstep_expert_steps_per_s']:.4g} expert-steps/s, "
+                      f"serial {r['serial_expert_steps_per_s']:.4g}: {r['ratio_lockstep_over_serial']:.1f}x")
+                rows.append(dict(experts=L, batch=B, precision="fp32", mode="trainers", **r))
     name = args.name or ("experts_training" + ("" if not args.quick else f"_quick_{device.type}"))
     payload = dict(
         benchmark="experts_training",

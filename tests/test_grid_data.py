@@ -65,3 +65,15 @@ def test_weierstrass_target_is_rough():
     rough = get_target("weierstrass")(x).diff().abs().max() * 4096
     smooth = get_target("distance")(x).diff().abs().max() * 4096
     assert float(rough) > 3 * float(smooth) and math.isfinite(float(rough))
+
+
+def test_leaf_moments():
+    from momlp_lite.data.grid import leaf_moments
+
+    v = torch.tensor([[1.0], [3.0], [5.0], [7.0], [2.0]])
+    leaf = torch.tensor([0, 0, 1, 1, 3])
+    mean, std = leaf_moments(v, leaf, 4)
+    assert mean[:, 0].tolist() == [2.0, 6.0, 0.0, 2.0]
+    assert std[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0]  # empty leaf and single sample: std 1
+    mean, std = leaf_moments(torch.tensor([[0.0], [4.0]]), torch.tensor([0, 0]), 1)
+    assert float(std) == 2.0

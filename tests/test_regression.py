@@ -1,4 +1,5 @@
-"""Grid-regression helpers, recorded results, and the two benchmark scripts (run tiny, no timing claims)."""
+"""The grid chapter's primitives (per-leaf standardization, the one-leaf dense baseline), its paper profile,
+recorded results, and the two benchmark scripts (run tiny, no timing claims)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,17 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
-import pytest
+import nbformat
 import torch
 
-from momlp_lite.data import make_grid_data
-from momlp_lite.regression import (
-    GridTask,
-    compare_on_task,
-    dense_config,
-    evaluate_routed,
-    fit_momlp,
-    grid_setup,
-    leaf_moments,
-)
-from momlp_lite.runtime import load_results, run_metadata, write_results
+from momlp_lite.data.grid import leaf_moments, make_grid_data
+from momlp_lite.moe.experts import StackedMLP
 from momlp_lite.moe.routing import RoutingTree
-from momlp_lite.moe.trainer import TrainConfig
+from momlp_lite.moe.trainer import TrainConfig, train_experts
+from momlp_lite.runtime import load_results, run_metadata, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-
+CHAPTER = ROOT / "book" / "momlp_grid_regression.ipynb"
 
 
 def load_script(name: str):
@@ -35,49 +27,53 @@ def load_script(name: str):
     return mod
 
 
-def test_leaf_moments():
-    v = torch.tensor([[1.0], [3.0], [5.0], [7.0], [2.0]])
-    leaf = torch.tensor([0, 0, 1, 1, 3])
-    mean, std = leaf_moments(v, leaf, 4)
-    assert mean[:, 0].tolist() == [2.0, 6.0, 0.0, 2.0]
-    assert std[:, 0].tolist() == [1.0, 1.0, 1.0, 1.0]  # empty leaf and single sample: std 1
-    mean, std = leaf_moments(torch.tensor([[0.0], [4.0]]), torch.tensor([0, 0]), 1)
-    assert float(std) == 2.0
-
-
-def test_fit_momlp_reports_consistent_errors():
+def test_standardized_experts_fold_back_to_raw_inputs():
+    """What the grid chapter's fit() does: train on per-leaf standardized data, fold the maps into the weights;
+    the folded experts on raw inputs predict what the trained experts predict on standardized inputs."""
     data = make_grid_data("sine", 2, 12, seed=0)
     tree = RoutingTree.regular(2, 1, 2)
+    leaf = tree.route(data.x_train)
+    mx, sx = leaf_moments(data.x_train, leaf, 4)
+    my, sy = leaf_moments(data.y_train, leaf, 4)
+    model = StackedMLP(4, 2, 8, 2, 1, seed=0)
     cfg = TrainConfig(lr=3e-3, batch_size=8, max_steps=60, eval_every=20, progress=False, device="cpu")
-    rep = fit_momlp(data, tree, 8, 2, cfg)
-    assert rep.num_experts == 4 and rep.params_active == rep.model.parameters_per_expert + tree.path_parameter_count
-    # the per-leaf RMSEs combine into the overall RMSE
-    leaf = tree.route(data.x_test)
-    counts = torch.bincount(leaf, minlength=4).numpy()
-    combined = np.sqrt(np.nansum(rep.per_leaf_rmse**2 * counts) / counts.sum())
-    assert combined == pytest.approx(rep.rmse, rel=1e-5)
-    rmse, max_err, _ = evaluate_routed(rep.model, data.x_test, data.y_test, leaf)
-    assert rmse == pytest.approx(rep.rmse) and max_err >= rmse
-    # trained on standardised data, folded back: better than predicting the mean
-    assert rep.rmse < 0.8 * float(data.y_test.std())
+    train_experts(model, (data.x_train - mx[leaf]) / sx[leaf], (data.y_train - my[leaf]) / sy[leaf], leaf, cfg)
+    model.eval()
+    test_leaf = tree.route(data.x_test)
+    with torch.no_grad():
+        standardized = model.forward_routed((data.x_test - mx[test_leaf]) / sx[test_leaf], test_leaf)
+        folded = model.fold_affine_(mx, sx, my, sy).forward_routed(data.x_test, test_leaf)
+    torch.testing.assert_close(folded, standardized * sy[test_leaf] + my[test_leaf], rtol=1e-4, atol=1e-5)
+    rmse = float((folded - data.y_test).pow(2).mean().sqrt())
+    assert rmse < 0.8 * float(data.y_test.std())  # better than predicting the mean
 
 
-def test_dense_baseline_has_the_budget():
-    task = GridTask("distance", 1, 64, 2)
-    cfg = TrainConfig(lr=3e-3, batch_size=8, max_steps=20, eval_every=10, progress=False, device="cpu")
-    moe, dense = compare_on_task(task, 8, 2, cfg)
-    assert dense.params_total <= moe.params_total
-    assert moe.params_active < dense.params_active
-    assert dense.train.batch_size == 8 * 4 and dense.train.steps_run <= 20
-    assert dense_config(cfg, 100, 50).batch_size == 50  # capped at the training set
+def test_dense_baseline_is_a_one_leaf_momlp_with_the_budget():
+    experts = StackedMLP(4, 1, 8, 2, 1)
+    dense = StackedMLP.dense_with_budget(4 * experts.parameters_per_expert, 1, 2, 1)
+    single = RoutingTree.single(1)
+    assert dense.num_experts == 1 and single.parameter_count == 0 and single.path_parameter_count == 0
+    assert dense.parameters_per_expert <= 4 * experts.parameters_per_expert
+    assert experts.parameters_per_expert < dense.parameters_per_expert
+    assert torch.equal(single.route(torch.rand(9, 1)), torch.zeros(9, dtype=torch.long))
 
 
-def test_paper_profile_is_the_papers_setting():
-    paper = grid_setup("paper")
-    assert (paper.width, paper.hidden_layers) == (1000, 3)
-    assert (paper.train.optimizer, paper.train.lr) == ("adam", 1e-4)
-    smoke = grid_setup("smoke")
-    assert {t.n for t in smoke.tasks} == {1, 2, 3} and smoke.width < 100
+def chapter_sizes(profile: str, monkeypatch) -> dict:
+    """Execute the grid chapter's sizes cell (its ml.choose cell) under ``profile``."""
+    monkeypatch.setenv("MOMLP_PROFILE", profile)
+    nb = nbformat.read(CHAPTER, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "sizes = ml.choose(" in c.source)
+    names: dict = {}
+    exec(compile(cell, "sizes-cell", "exec"), names)
+    return names
+
+
+def test_paper_profile_is_the_papers_setting(monkeypatch):
+    paper = chapter_sizes("paper", monkeypatch)
+    assert (paper["sizes"]["width"], paper["hidden_layers"]) == (1000, 3)
+    assert (paper["train"].optimizer, paper["train"].lr) == ("adam", 1e-4)
+    smoke = chapter_sizes("smoke", monkeypatch)
+    assert {t[1] for t in smoke["sizes"]["tasks"]} == {1, 2, 3} and smoke["sizes"]["width"] < 100
 
 
 def test_results_roundtrip(tmp_path):
@@ -94,18 +90,21 @@ def test_benchmark_script_runs_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("MOMLP_RESULTS_DIR", str(tmp_path))
     bench = load_script("experts_training")
     out = bench.main(["--width", "8", "--experts", "2", "--batches", "4", "--steps", "2", "--warmup", "1",
-                      "--repeats", "1", "--serial-experts", "2", "--device", "cpu", "--name", "bench"])
+                      "--repeats", "1", "--serial-experts", "2", "--device", "cpu", "--name", "bench", "--trainers",
+                      "--trainer-steps", "4"])
     modes = {r["mode"] for r in out["rows"]}
-    assert {"serial", "batched", "dense", "summary"} <= modes
-    assert all(r["samples_per_s"] > 0 for r in out["rows"] if r["mode"] != "summary")
+    assert {"serial", "batched", "dense", "summary", "trainers"} <= modes
+    assert all(r["samples_per_s"] > 0 for r in out["rows"] if r["mode"] not in ("summary", "trainers"))
+    trainers = [r for r in out["rows"] if r["mode"] == "trainers"][0]
+    assert trainers["ratio_lockstep_over_serial"] > 0 and trainers["steps"] == 4
     assert json.loads((tmp_path / "bench.json").read_text())["meta"]["device_type"] == "cpu"
 
 
-def test_paper_run_script_runs_tiny(tmp_path, monkeypatch):
-    monkeypatch.setenv("MOMLP_RESULTS_DIR", str(tmp_path))
-    script = load_script("grid_paper_run")
-    path = script.main(["--profile", "smoke", "--targets", "sine", "--dims", "1", "--max-steps", "10",
-                        "--no-sweep", "--device", "cpu", "--name", "grid"])
-    doc = json.loads(Path(path).read_text())
-    assert doc["profile"] == "smoke" and len(doc["comparison"]) == 2
-    assert {r["model"] for r in doc["comparison"]} == {"MoMLP", "dense MLP"}
+def test_paper_run_script_executes_the_chapter_itself():
+    plan = load_script("grid_paper_run").main(["--dry-run"])
+    assert plan["chapter"] == "book/momlp_grid_regression.ipynb" and plan["profile"] == "paper"
+    assert plan["writes"] == "results/grid_paper_run.json"
+    source = (ROOT / "benchmarks" / "grid_paper_run.py").read_text()
+    assert "train_experts" not in source and "momlp_lite.moe" not in source  # no experiment driver of its own
+    nb = nbformat.read(CHAPTER, as_version=4)
+    assert any('write_results("grid_paper_run"' in c.source for c in nb.cells if c.cell_type == "code")

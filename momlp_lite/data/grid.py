@@ -21,6 +21,7 @@ __all__ = [
     "grid_points",
     "GridData",
     "make_grid_data",
+    "leaf_moments",
 ]
 
 
@@ -171,3 +172,13 @@ def make_grid_data(
     return GridData(x[train], y[train], x[test], y[test], tgt, int(n), int(s), float(a), float(b))
 
 
+def leaf_moments(v: torch.Tensor, leaf: torch.Tensor, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of ``v [N, d]`` per leaf, ``[L, d]`` each (std 1 where ~0 or undefined).
+
+    For training every expert on its leaf's standardized data. Taught in: book/momlp_grid_regression.
+    """
+    v, leaf = v.double(), torch.as_tensor(leaf).long()
+    counts = torch.bincount(leaf, minlength=num_leaves).double()[:, None].clamp(min=1)
+    mean = torch.zeros(num_leaves, v.shape[1], dtype=torch.float64).index_add_(0, leaf, v) / counts
+    std = (torch.zeros_like(mean).index_add_(0, leaf, (v - mean[leaf]) ** 2) / counts).sqrt()
+    return mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float()

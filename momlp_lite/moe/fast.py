@@ -1,0 +1,112 @@
+"""The opt-in fast path of the lockstep trainer: GPU levers, off the reading path.
+
+:class:`FastStep` is :class:`momlp_lite.moe.trainer.LockstepStep` with fused (or foreach) Adam,
+bf16 autocast (fp32 master weights), ``torch.compile`` of forward+loss and a CUDA graph of the whole
+step (captured on the first call, after warm-up steps whose effect is undone). CUDA-only levers are
+ignored elsewhere. The benchmarks use it; :func:`train_experts_fast` is ``train_experts`` with it.
+Taught in: book/momlp_grid_regression (its throughput figure).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .experts import StackedMLP
+from .trainer import TrainConfig, TrainResult, make_optimizer, per_expert_loss, train_experts
+
+__all__ = ["FastOptions", "FastStep", "train_experts_fast"]
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """GPU levers: ``bf16`` autocast; ``fused`` Adam (``None``: on CUDA only); ``compile`` (``True`` or a
+    mode string, CUDA only); ``cuda_graph`` (CUDA only). Taught in: book/momlp_grid_regression."""
+
+    bf16: bool = False
+    fused: bool | None = None
+    compile: bool | str = False
+    cuda_graph: bool = False
+
+
+class FastStep:
+    """One lockstep step with the levers of ``options``: ``step(xb [L, B, in], yb) -> losses [L]``.
+    Taught in: book/momlp_grid_regression."""
+
+    def __init__(self, net: StackedMLP, cfg: TrainConfig, options: FastOptions = FastOptions(),
+                 device: torch.device | str | None = None) -> None:
+        self.net, self.cfg, self.opts = net, cfg, options
+        self.device = torch.device(device) if device is not None else net.weights[0].device
+        cuda = self.device.type == "cuda"
+        self.use_graph = bool(options.cuda_graph) and cuda
+        fused = cuda if options.fused is None else bool(options.fused)
+        kw: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
+        if self.use_graph:
+            kw["capturable"] = True
+        self.opt = make_optimizer(net.parameters(), cfg, **kw)
+        self._loss = self._eager_loss
+        if options.compile and cuda:
+            self._loss = torch.compile(self._eager_loss, mode=None if options.compile is True else str(options.compile))
+        self._graph: Any = None
+
+    def autocast(self) -> Any:
+        """bf16 autocast when asked for (weight-cast cache off under CUDA graphs), else a no-op.
+        Taught in: book/momlp_grid_regression."""
+        if not self.opts.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
+
+    def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            pred = self.net(xb)
+        return per_expert_loss(pred, yb, self.cfg.loss)
+
+    def _eager_step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        losses = self._loss(xb, yb)
+        self.opt.zero_grad(set_to_none=not self.use_graph)
+        losses.sum().backward()
+        self.opt.step()
+        return losses.detach()
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph:
+            return self._eager_step(xb, yb)
+        if self._graph is None:
+            self._capture(xb, yb)
+        self._x.copy_(xb)
+        self._y.copy_(yb)
+        self._graph.replay()
+        return self._losses.clone()
+
+    def _capture(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Warm up on a side stream, undo the warm-up, then record one whole step."""
+        saved = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self._x, self._y = xb.clone(), yb.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._eager_step(self._x, self._y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():  # back to the state before warm-up: parameters, buffers, fresh optimizer
+            for k, v in self.net.state_dict().items():
+                v.copy_(saved[k])
+            for state in self.opt.state.values():
+                for t in state.values():
+                    if isinstance(t, torch.Tensor):
+                        t.zero_()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._losses = self._eager_step(self._x, self._y)
+
+
+def train_experts_fast(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
+                       config: TrainConfig | None = None, options: FastOptions = FastOptions(),
+                       expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
+    """:func:`momlp_lite.moe.trainer.train_experts` with :class:`FastStep` (same loop, same records).
+    Taught in: book/momlp_grid_regression."""
+    return train_experts(model, x, y, leaf, config, expert_ids,
+                         make_step=lambda net, cfg: FastStep(net, cfg, options))

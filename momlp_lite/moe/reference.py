@@ -1,0 +1,84 @@
+"""The plain reference for Algorithm 2: one ``nn.Sequential`` and one optimizer per expert, one after another.
+
+Independent of the lockstep trainer except for the data order (:mod:`momlp_lite.moe.order`) and the
+checks of :func:`momlp_lite.moe.trainer.plan_training`, so the test "lockstep == serial" also
+checks the lockstep loop itself. Slow by design. Taught in: book/momlp_grid_regression.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .experts import StackedMLP
+from .order import LockstepSampler
+from .trainer import NonFiniteLossError, TrainConfig, TrainResult, plan_training
+
+__all__ = ["train_experts_serial"]
+
+
+def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
+                         config: TrainConfig | None = None,
+                         expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
+    """Train each expert alone with its own ``torch.optim.Adam``/``AdamW``; same arguments as ``train_experts``.
+    Taught in: book/momlp_grid_regression."""
+    cfg = config or TrainConfig()
+    job = plan_training(model, x, y, leaf, cfg, expert_ids)
+    dev, s = job.device, job.split
+    crit = F.mse_loss if cfg.loss == "mse" else F.cross_entropy
+    evals = list(range(0, job.steps, job.eval_every)) + [job.steps]
+    out = {k: np.full((len(evals), len(job.ids)), np.nan) for k in ("train", "val")}
+    best_val, best_step, stop_step = np.full(len(job.ids), np.inf), np.zeros(len(job.ids), int), np.full(len(job.ids), -1)
+    t0, last, trained = time.perf_counter(), 0, []
+    for j, gid in enumerate(job.ids.tolist()):
+        net = model.expert_module(gid).to(dev)
+        opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(
+            net.parameters(), lr=cfg.lr, **({} if cfg.weight_decay is None else {"weight_decay": cfg.weight_decay}))
+        tr, va = s.rows_of(j)
+        xt, yt, xv, yv = x[tr].to(dev), y[tr].to(dev), x[va].to(dev), y[va].to(dev)
+        order = LockstepSampler(s.n_train[j : j + 1], job.ids[j : j + 1], cfg.batch_size, cfg.seed, dev)
+        best, bad, losses = copy.deepcopy(net.state_dict()), 0, []
+        for step in range(job.steps + 1):
+            if step in evals:
+                net.eval()
+                with torch.no_grad():
+                    val = crit(net(xv), yv).item() if len(va) else math.nan
+                net.train()
+                train = float(np.mean(losses)) if losses else math.nan
+                if (losses and not math.isfinite(train)) or (len(va) and not math.isfinite(val)):
+                    raise NonFiniteLossError([gid], step)
+                e, losses = evals.index(step), []
+                out["train"][e, j], out["val"][e, j] = train, val
+                if len(va) and val < best_val[j] - cfg.min_delta:
+                    best, best_val[j], best_step[j], bad = copy.deepcopy(net.state_dict()), val, step, 0
+                elif len(va):
+                    bad += 1
+                if len(va) and cfg.patience is not None and bad >= cfg.patience:
+                    stop_step[j] = step
+                    break
+            if step == job.steps:
+                break
+            i = order.indices(step)[0]
+            loss = crit(net(xt[i]), yt[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        last = max(last, step)
+        if len(va):
+            net.load_state_dict(best)
+        else:
+            best_step[j] = -1
+        trained.append((gid, net))
+    for gid, net in trained:  # written back only once every expert trained without error
+        model.load_expert_module_(gid, net.to(model.weights[0].device))
+    rows = [e for e, st in enumerate(evals) if st <= last]
+    return TrainResult(job.ids.tolist(), job.skipped, s.n_train.numpy(), s.n_val.numpy(), [evals[e] for e in rows],
+                       out["train"][rows], out["val"][rows], best_val, best_step, stop_step, last, cfg.batch_size,
+                       time.perf_counter() - t0, str(dev), cfg)
