@@ -145,10 +145,10 @@ def _with(section: str, **changes):
 @pytest.mark.parametrize("raw, named", [
     (_with("train", lr=float("inf")), "train.lr must be a finite number, got inf"),
     (_with("train", lr=float("nan")), "got nan"),
-    (_with("train", lr=-1.0), "train.lr must be > 0, got -1.0"),
+    (_with("train", lr=-1.0), "train.lr must be a finite number in (0, inf), got -1.0"),
     (_with("train", batch_size=2.5), "train.batch_size must be an integer, got 2.5"),
-    (_with("train", max_epochs=0), "train.max_epochs must be > 0"),
-    (_with("train", val_fraction=-0.1), "train.val_fraction must be in [0, 1), got -0.1"),
+    (_with("train", max_epochs=0), "train.max_epochs must be a finite number in (0, inf), got 0"),
+    (_with("train", val_fraction=-0.1), "train.val_fraction must be a finite number in [0, 1), got -0.1"),
     (_with("train", optimizer="sgd"), "got 'sgd'"),
     (_with("train", device="cuda"), "train.device is set by --device"),
     (_with("train", progress=False), "train.progress is set by --no-progress"),

@@ -13,7 +13,7 @@ from momlp_lite.moe.fast import FastOptions, FastStep, train_experts_fast
 from momlp_lite.moe.order import LockstepSampler, split_by_leaf
 from momlp_lite.moe.reference import train_experts_serial
 from momlp_lite.moe.routing import RoutingTree
-from momlp_lite.moe.trainer import NonFiniteLossError, TrainConfig, per_expert_loss, train_dense, train_experts
+from momlp_lite.moe.trainer import NonFiniteLossError, TrainConfig, per_expert_loss, train_experts
 
 
 
@@ -180,11 +180,11 @@ def test_sampler_walks_permutations():
 def test_dense_baseline_trains():
     x, y, _ = regression_data(n=400)
     dense = StackedMLP.dense_with_budget(4 * StackedMLP(4, 2, 8, 2, 1).parameters_per_expert, 2, 2, 1)
-    res = train_dense(dense, x, y, TrainConfig(batch_size=32, max_epochs=3, lr=3e-3, progress=False, device="cpu"))
+    one_leaf = RoutingTree.single(2).route(x)
+    res = train_experts(dense, x, y, one_leaf, TrainConfig(batch_size=32, max_epochs=3, lr=3e-3, progress=False,
+                                                           device="cpu"))
     assert res.expert_ids == [0] and res.steps_run == int(np.ceil(3 * res.n_train[0] / 32))
     assert res.best_val[0] < res.val_loss[0, 0]
-    with pytest.raises(ValueError, match="stack of one"):
-        train_dense(StackedMLP(2, 2, 4, 1), x, y)
 
 
 def test_bad_arguments():
@@ -299,7 +299,7 @@ def test_divergence_during_training_names_the_expert_and_the_step(train):
 
 
 def test_dense_baseline_is_a_one_leaf_momlp():
-    """RoutingTree.single + a stack of one expert: the same training as the (deprecated) train_dense."""
+    """RoutingTree.single + a stack of one expert, trained by Algorithm 2, equals the plain serial reference."""
     x, y, _ = regression_data(n=300)
     tree = RoutingTree.single(2)
     assert tree.num_leaves == 1 and tree.depth == 0 and tree.path_parameter_count == 0
@@ -307,9 +307,10 @@ def test_dense_baseline_is_a_one_leaf_momlp():
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     cfg = TrainConfig(batch_size=32, max_steps=30, eval_every=10, lr=3e-3, progress=False, device="cpu")
     ra = train_experts(a, x, y, tree.route(x), cfg)
-    rb = train_dense(b, x, y, cfg)
-    assert ra.best_val.tobytes() == rb.best_val.tobytes() and ra.expert_ids == [0]
-    assert_same_experts(a, b, [0], atol=0)
+    rb = train_experts_serial(b, x, y, tree.route(x), cfg)
+    assert ra.expert_ids == rb.expert_ids == [0]
+    assert np.allclose(ra.best_val, rb.best_val, rtol=1e-5)
+    assert_same_experts(a, b, [0], atol=1e-5)
 
 
 def test_serial_reference_equals_lockstep_on_a_subset_of_experts():

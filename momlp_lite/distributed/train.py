@@ -38,11 +38,7 @@ from ..store.files import remove_abandoned_temporaries, store_lock, writing
 from .config import ConfigError, RunConfig
 from .workers import SAFE_UNPICKLE, Workers, barrier, env_int, shard_ids, start_workers, stop_workers
 
-try:
-    from ..moe.trainer import NonFiniteLossError
-except ImportError:  # until the moe helper's NonFiniteLossError is merged (the lead removes this fallback)
-    class NonFiniteLossError(FloatingPointError):  # type: ignore[no-redef]
-        experts: list[int] = []
+from ..moe.trainer import NonFiniteLossError
 
 __all__ = ["CRASH_ENV", "load_training_data", "check_training_data", "build_tree", "init_experts", "train_config",
            "expert_status", "train_shard", "finalize", "compare_stores", "run"]

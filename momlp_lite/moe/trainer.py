@@ -32,7 +32,7 @@ from .experts import StackedMLP
 from .order import LeafSplit, LockstepSampler, split_by_leaf
 
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "LockstepStep", "per_expert_loss",
-           "train_experts", "train_dense"]
+           "train_experts"]
 
 LOSSES = ("mse", "cross_entropy")
 OPTIMIZERS = ("adam", "adamw")
@@ -368,12 +368,4 @@ def train_experts(
                        best_step.numpy(), stop_step.numpy(), step, cfg.batch_size, seconds, str(dev), cfg)
 
 
-def train_dense(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None) -> TrainResult:
-    """Deprecated: a one-expert stack trained on every row is :func:`train_experts` with one leaf.
-    Taught in: book/momlp_grid_regression."""
-    if model.num_experts != 1:
-        raise ValueError(f"train_dense needs a stack of one expert, got {model.num_experts}; use train_experts")
-    return train_experts(model, x, y, torch.full((len(x),), int(model.expert_ids[0])), config)
 
-
-from .reference import train_experts_serial  # noqa: E402  (kept importable from here; it lives in reference.py)

@@ -42,11 +42,6 @@ TREE_PREFIX = "routing_tree"
 EXPERT_DIR = "experts"
 STORE_FORMAT, STORE_VERSION = "momlp-store", 2
 
-def _single_tree(n: int) -> RoutingTree:
-    """A one-leaf tree (``RoutingTree.single`` once the moe package has it)."""
-    single = getattr(RoutingTree, "single", None)  # fallback until the moe helper's change is merged
-    return single(n) if single is not None else RoutingTree([torch.zeros(1, 1, n)], kind="single")
-
 
 # ---------------------------------------------------------------------------- expert files
 def write_expert(directory: str | os.PathLike[str], expert_id: int, tensors: Mapping[str, torch.Tensor],
@@ -221,7 +216,7 @@ class ExpertStore:
         if tree is None:
             if set(entries) != {0}:
                 raise StoreError(f"{where} has experts {sorted(entries)[:10]} but no routing tree")
-            tree = _single_tree(int(config["n_in"]))
+            tree = RoutingTree.single(int(config["n_in"]))
         if sorted(entries) != list(range(tree.num_leaves)) or manifest.get("num_experts", len(entries)) != len(entries):
             raise StoreError(f"{where} lists experts {sorted(entries)[:10]} (num_experts "
                              f"{manifest.get('num_experts')!r}) for a tree with {tree.num_leaves} leaves; "
@@ -244,7 +239,7 @@ class ExpertStore:
         if tree is None:
             if ids != [0]:
                 raise ValueError(f"a store without a routing tree holds exactly expert 0, got ids {ids[:10]}")
-            tree = _single_tree(experts.n_in)
+            tree = RoutingTree.single(experts.n_in)
         if ids != list(range(tree.num_leaves)):
             raise ValueError(f"a store needs one expert per leaf: ids 0..{tree.num_leaves - 1} for this tree, "
                              f"got {ids[:10]}{'...' if len(ids) > 10 else ''}")
