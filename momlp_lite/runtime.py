@@ -36,7 +36,7 @@ from .store.files import atomic_write_bytes
 __all__ = [
     "PROFILES", "Profile", "get_profile", "choose", "seed_everything", "get_device", "describe_run",
     "Chapter", "start_chapter", "best_time", "torch_threads",
-    "results_dir", "run_metadata", "write_results", "load_results",
+    "results_dir", "run_metadata", "write_results", "load_results", "check_positive_int",
 ]
 
 T = TypeVar("T")
@@ -99,6 +99,13 @@ def choose(*, smoke: T, default: T, paper: T, profile: str | Profile | None = No
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     return {"smoke": smoke, "default": default, "paper": paper}[prof.name]
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int`` if it is an integer >= 1, else ``ValueError: name must be an integer >= 1, got ...``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:
