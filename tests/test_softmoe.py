@@ -460,6 +460,7 @@ def test_expert_logits_give_the_subset_forward_exactly(normalize):
     model, x = _classifier_and_inputs(5, normalize)
     parts = model.expert_logits(x)
     torch.testing.assert_close(parts.sum(dim=1), model(x))
+    torch.testing.assert_close(model.expert_logits(x, chunk=5), parts)  # chunking changes nothing
     for k in (1, 2, 4):
         chosen = model.moe.select_experts(x, k)
         mask = torch.zeros(len(x), 5, dtype=x.dtype).scatter_(1, chosen, 1.0)

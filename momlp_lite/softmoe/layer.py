@@ -197,14 +197,6 @@ class SoftMoE(nn.Module):
         tokens, dispatch, combine = self.route(x)
         return combine @ self.experts_forward(dispatch.transpose(1, 2) @ tokens)
 
-    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Each expert's share of ``Y``: ``[B, n, m, d]``, ``C_j Ỹ_j`` over expert ``j``'s slots; sums to ``forward(x)``."""
-        tokens, dispatch, combine = self.route(x)
-        b, m, _ = combine.shape
-        y_tilde = self.experts_forward(dispatch.transpose(1, 2) @ tokens)
-        c = combine.reshape(b, m, self.num_experts, self.slots_per_expert)
-        return torch.einsum("bmnp,bnpd->bnmd", c, y_tilde.reshape(b, self.num_experts, self.slots_per_expert, -1))
-
     # ------------------------------------------------------------------ subsets
     def check_k(self, k: int) -> None:
         """Raise a ``ValueError`` unless ``1 <= k <= num_experts``."""

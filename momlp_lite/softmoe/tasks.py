@@ -137,14 +137,21 @@ class SoftMoEClassifier(nn.Module):
         """Class logits ``[B, num_classes]`` for patch tokens ``[B, tokens, dim]``."""
         return self.head(self.moe(x).flatten(1))
 
-    def expert_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Each expert's share of the class logits, ``[B, n, num_classes]``.
+    def expert_logits(self, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """Each expert's share of the class logits, ``[B, n, num_classes]`` (computed ``chunk`` inputs at a time).
 
         The head is linear without bias and Algorithm 1 does not renormalize ``C``, so the logits with a kept
         subset ``S`` are exactly ``Σ_{j∈S}`` of these rows (all ``n`` rows give ``forward(x)``).
         """
-        parts = self.moe.expert_outputs(x)  # [B, n, m, d]
-        return parts.flatten(2) @ self.head.weight.T
+        moe, out = self.moe, []
+        for start in range(0, len(x), chunk):
+            tokens, dispatch, combine = moe.route(x[start : start + chunk])
+            y_tilde = moe.experts_forward(dispatch.transpose(1, 2) @ tokens)  # [b, n·p, d]
+            b, m, _ = combine.shape
+            head_view = torch.einsum("bsd,cid->bsic", y_tilde, self.head.weight.reshape(-1, m, moe.dim))
+            per_slot = torch.einsum("bis,bsic->bsc", combine, head_view)  # slot s's share of the logits
+            out.append(per_slot.reshape(b, moe.num_experts, moe.slots_per_expert, -1).sum(dim=2))
+        return torch.cat(out)
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch: int = 256,
