@@ -3,7 +3,7 @@
 The layer is the MNIST one of Chung et al.: 4 tokens of dimension 196, experts 196 → 784/n → 196, so the experts
 hold the same ~307K weights for every n. Both versions share the same parameters and give the same output (checked
 before timing). Writes ``results/softmoe_layer.json`` with the device name, torch version, date and git commit
-(``momlp_lite.results.write_results``).
+(``momlp_lite.runtime.write_results``).
 
     python benchmarks/softmoe_layer.py            # batch 256, 20 repeats
     python benchmarks/softmoe_layer.py --quick    # batch 64, 3 repeats (CPU smoke run)
@@ -25,9 +25,26 @@ sys.path.insert(0, str(ROOT))
 from momlp_lite.runtime import best_time, torch_threads  # noqa: E402
 from momlp_lite.runtime import get_device  # noqa: E402
 from momlp_lite.runtime import write_results  # noqa: E402
-from momlp_lite.softmoe.layer import SoftMoE, softmoe_forward_expert_loop  # noqa: E402
+from momlp_lite.softmoe.layer import ACTIVATIONS, SoftMoE  # noqa: E402
 
 TOKENS, DIM = 4, 196  # the MNIST layer: 4 patches of 14 × 14 pixels
+
+
+def forward_expert_loop(layer: SoftMoE, x: torch.Tensor) -> torch.Tensor:
+    """The same layer with a Python loop over experts, as many public implementations do (the baseline)."""
+    tokens, dispatch, combine = layer.route(x)
+    slots = dispatch.transpose(1, 2) @ tokens  # [B, n·p, d]
+    p, act = layer.slots_per_expert, ACTIVATIONS[layer.activation]
+    outs = []
+    for j in range(layer.num_experts):
+        h = slots[:, j * p : (j + 1) * p] @ layer.w1[j]
+        if layer.b1 is not None:
+            h = h + layer.b1[j]
+        o = act(h) @ layer.w2[j]
+        if layer.b2 is not None:
+            o = o + layer.b2[j]
+        outs.append(o)
+    return combine @ torch.cat(outs, dim=1)
 
 
 def step_time(fn, x: torch.Tensor, repeats: int, warmup: int) -> float:
@@ -80,9 +97,9 @@ def run(experts: list[int], batch: int, repeats: int, warmup: int, device: torch
         layer = SoftMoE(dim, n, hidden, phi_init="uniform", generator=gen).to(device)
         x = torch.randn(batch, tokens, dim, generator=gen).to(device)
         with torch.no_grad():
-            torch.testing.assert_close(layer(x), softmoe_forward_expert_loop(layer, x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(layer(x), forward_expert_loop(layer, x), rtol=1e-4, atol=1e-5)
         t_batched = step_time(layer, x, repeats, warmup)
-        t_loop = step_time(lambda inp: softmoe_forward_expert_loop(layer, inp), x, repeats, warmup)
+        t_loop = step_time(lambda inp: forward_expert_loop(layer, inp), x, repeats, warmup)
         rows.append(dict(experts=n, hidden=hidden, batched_ms=1e3 * t_batched, loop_ms=1e3 * t_loop,
                          speedup=t_loop / t_batched))
         print(f"{n:>5} {hidden:>6} | {1e3 * t_batched:12.2f} {1e3 * t_loop:16.2f} | {t_loop / t_batched:7.1f}×")

@@ -111,6 +111,13 @@ def choose(*, smoke: T, default: T, paper: T, profile: str | Profile | None = No
     return {"smoke": smoke, "default": default, "paper": paper}[prof.name]
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an ``int`` if it is an integer >= 1, else ``ValueError: name must be an integer >= 1, got ...``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def seed_everything(seed: int = 0) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a fresh seeded ``torch.Generator``."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:

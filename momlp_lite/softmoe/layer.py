@@ -1,21 +1,22 @@
 """Soft MoE (Puigcerver et al.) with batched experts, and best expert subset selection (Chung et al.).
 
-Shapes used throughout (``B`` batch, ``m`` tokens, ``d`` token dim, ``n`` experts, ``p`` slots per
-expert, ``h`` expert hidden width, ``k`` experts kept):
+Shapes (``B`` batch, ``m`` tokens, ``d`` token dim, ``n`` experts, ``p`` slots per expert, ``k`` kept):
+input ``X [B, m, d]``; router ``Φ [d, n·p]`` (column ``j·p + s`` is slot ``s`` of expert ``j``); logits
+``[B, m, n·p]``; dispatch ``D`` = softmax over **tokens**, combine ``C`` = softmax over **slots**; slot
+inputs ``X̃ = Dᵀ X [B, n·p, d]``; slot outputs ``Ỹ`` (row ``j·p + s`` is ``f_j(X̃_{j·p+s})``); ``Y = C Ỹ``.
 
-* input ``X``: ``[B, m, d]``; router ``Φ``: ``[d, n·p]`` (column ``j·p + s`` is slot ``s`` of expert ``j``);
-* logits ``XΦ``: ``[B, m, n·p]``; dispatch ``D`` = softmax over **tokens** (dim 1);
-  combine ``C`` = softmax over **all slots** (dim 2);
-* slot inputs ``X̃ = Dᵀ X``: ``[B, n·p, d]``; slot outputs ``Ỹ``: row ``j·p + s`` is ``f_j(X̃_{j·p+s})``;
-* output ``Y = C Ỹ``: ``[B, m, d]``.
+Three normalization conventions, named by what is normalized (``normalize=``):
 
-The ``n`` expert MLPs ``d → h → d`` are stored stacked (``w1 [n, d, h]``, ``w2 [n, h, d]``) and run
-with one ``bmm`` per layer: no Python loop over experts.
+* ``"tokens"`` — the authors' MNIST code (``normalize_moe_input=True``) and bwconrad/soft-moe: every
+  token is L2-normalized **before** the layer, so the logits *and the slots* (hence the experts) see
+  normalized tokens; the columns of ``Φ`` are L2-normalized and multiplied by a trainable scalar (init 1).
+* ``"logits"`` — Google vmoe: tokens and ``Φ`` columns are normalized (same scalar) **for the logits only**;
+  the slots mix the raw tokens.
+* ``"none"`` — Definition 1 of Chung et al.: logits ``XΦ``, raw tokens into the slots.
 
-Best expert subset selection (Algorithm 1 of Chung et al.): per input, sum the combine weights of each
-expert over tokens (and its slots), keep the ``k`` experts with the largest mass, zero the other
-experts' outputs and do **not** renormalise ``C``. :meth:`SoftMoE.forward_subset` is the batched
-version (the paper's Algorithm 2, corrected as in the authors' code) and runs only the kept experts.
+The ``n`` expert MLPs ``d → h → d`` are stacked (``w1 [n, d, h]``, ``w2 [n, h, d]``) and run with one
+``bmm`` per layer: no Python loop over experts. :meth:`SoftMoE.forward_subset` is the batched best expert
+subset selection (the paper's Algorithm 2 as the authors' code does it) and runs only the kept experts.
 """
 
 from __future__ import annotations
@@ -29,24 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "SoftMoE",
-    "SubsetChoice",
-    "softmoe_layers",
-    "set_expert_subset",
-    "expert_subset",
-    "best_subset_single",
-    "softmoe_forward_expert_loop",
-    "softmoe_flops",
-]
+from ..runtime import check_positive_int
 
+__all__ = ["SoftMoE", "SubsetChoice", "NORMALIZATIONS", "softmoe_layers", "set_expert_subset", "expert_subset",
+           "softmoe_flops"]
+
+NORMALIZATIONS = ("tokens", "logits", "none")
 SUBSET_MODES = ("best", "random")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+EPS = 1e-6  # added to every L2 norm, as in the authors' code
+
+
+def l2_normalize(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """``a / (‖a‖₂ + 1e-6)`` along ``dim``. Taught in: book/softmoe_one_expert."""
+    return a / (a.norm(dim=dim, keepdim=True) + EPS)
 
 
 @dataclass
 class SubsetChoice:
-    """Which experts a :class:`SoftMoE` layer keeps at inference: ``k`` of them, ``best`` or ``random``."""
+    """Which experts a :class:`SoftMoE` layer keeps: ``k``, ``best`` or ``random``. Taught in: book/softmoe_best_subset."""
 
     k: int
     mode: str = "best"
@@ -58,48 +60,35 @@ def _shape(t: torch.Tensor | Sequence[int]) -> str:
 
 
 class SoftMoE(nn.Module):
-    """A Soft MoE layer whose experts are ``n`` two-layer MLPs ``d → h → d`` run as one batched matmul.
+    """A Soft MoE layer whose ``n`` experts are MLPs ``d → h → d`` run as one batched matmul.
+
+    Taught in: book/softmoe_one_expert (the layer, the conventions), book/softmoe_best_subset (subsets).
 
     Parameters
     ----------
-    dim : int
-        Token dimension ``d`` (input and output).
-    num_experts : int
-        Number of experts ``n``.
-    hidden : int
-        Hidden width ``h`` of every expert.
-    slots_per_expert : int
-        Slots ``p`` per expert (``Φ`` has ``n·p`` columns).
-    normalize : bool
-        L2-normalise tokens and the columns of ``Φ`` **for the logits** and multiply by a learnable
-        scale (init 1), as in the reference code. The values sent to the experts are not normalised.
+    dim, num_experts, hidden, slots_per_expert : int
+        Token dimension ``d``, experts ``n``, expert hidden width ``h``, slots per expert ``p``.
+    normalize : str
+        ``"tokens"`` (the authors' / bwconrad), ``"logits"`` (vmoe) or ``"none"`` (Definition 1); see the module.
     bias : bool
         Give the experts biases (the authors' MNIST experts have none).
     activation : str
         ``relu`` or ``gelu``.
     phi_init : str
-        ``normal``: ``Φ ~ N(0, 1/d)`` (Puigcerver et al.); ``uniform``: ``U[-1, 1]`` (the authors' MNIST code).
+        ``normal``: ``Φ ~ N(0, 1/d)`` (vmoe, bwconrad); ``uniform``: ``U[-1, 1]`` (the authors' MNIST code).
     generator : torch.Generator, optional
-        Seeds the initialisation.
+        Seeds the initialization.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        hidden: int,
-        *,
-        slots_per_expert: int = 1,
-        normalize: bool = True,
-        bias: bool = False,
-        activation: str = "relu",
-        phi_init: str = "normal",
-        generator: torch.Generator | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_experts: int, hidden: int, *, slots_per_expert: int = 1,
+                 normalize: str = "logits", bias: bool = False, activation: str = "relu",
+                 phi_init: str = "normal", generator: torch.Generator | None = None) -> None:
         super().__init__()
-        for name, value in dict(dim=dim, num_experts=num_experts, hidden=hidden, slots_per_expert=slots_per_expert).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, value in dict(dim=dim, num_experts=num_experts, hidden=hidden,
+                                slots_per_expert=slots_per_expert).items():
+            check_positive_int(name, value)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if phi_init not in ("normal", "uniform"):
@@ -107,7 +96,7 @@ class SoftMoE(nn.Module):
         self.dim, self.num_experts, self.hidden, self.slots_per_expert = dim, num_experts, hidden, slots_per_expert
         self.normalize, self.activation, self.phi_init = normalize, activation, phi_init
         self.phi = nn.Parameter(torch.empty(dim, num_experts * slots_per_expert))
-        self.scale = nn.Parameter(torch.ones(())) if normalize else None
+        self.scale = nn.Parameter(torch.ones(())) if normalize != "none" else None
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None
@@ -115,10 +104,9 @@ class SoftMoE(nn.Module):
         self.subset: SubsetChoice | None = None
         self.reset_parameters(generator)
 
-    # ------------------------------------------------------------------ set-up
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Φ as chosen by ``phi_init``; expert weights like ``nn.Linear`` (``U(±1/√fan_in)``)."""
+        """Φ as chosen by ``phi_init``; expert weights like ``nn.Linear`` (``U(±1/√fan_in)``); scale 1."""
         if self.phi_init == "normal":
             self.phi.normal_(0.0, 1.0 / math.sqrt(self.dim), generator=generator)
         else:
@@ -132,11 +120,9 @@ class SoftMoE(nn.Module):
             self.scale.fill_(1.0)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, num_experts={self.num_experts}, hidden={self.hidden}, "
-            f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize}, "
-            f"bias={self.b1 is not None}, activation={self.activation!r}"
-        )
+        return (f"dim={self.dim}, num_experts={self.num_experts}, hidden={self.hidden}, "
+                f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize!r}, "
+                f"bias={self.b1 is not None}, activation={self.activation!r}")
 
     @property
     def num_slots(self) -> int:
@@ -146,37 +132,37 @@ class SoftMoE(nn.Module):
     @property
     def expert_parameter_count(self) -> int:
         """Parameters in all experts together (``Φ`` and the scale not included)."""
-        per = 2 * self.dim * self.hidden + (self.hidden + self.dim if self.b1 is not None else 0)
-        return self.num_experts * per
+        return self.num_experts * (2 * self.dim * self.hidden + (self.hidden + self.dim if self.b1 is not None else 0))
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` naming the expected and received shapes unless ``x`` is ``[B, m, d]``."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SoftMoE expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] < 1:
-            raise ValueError(
-                f"SoftMoE expects input of shape [batch, tokens, {self.dim}] (tokens >= 1), got {_shape(x)}"
-            )
+            raise ValueError(f"SoftMoE expects input of shape [batch, tokens, {self.dim}] (tokens >= 1), got {_shape(x)}")
 
     # ------------------------------------------------------------------ routing
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits ``XΦ`` ``[B, m, n·p]`` (with L2-normalised tokens and ``Φ`` columns if ``normalize``)."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(tokens, D, C)``: the tokens the slots mix (normalized for ``"tokens"``), dispatch and combine.
+
+        ``D`` (softmax over tokens) and ``C`` (softmax over slots) are ``[B, m, n·p]``.
+        """
         self.check_input(x)
-        phi = self.phi
-        if self.normalize:
-            x = x / (x.norm(dim=-1, keepdim=True) + 1e-6)
-            phi = self.scale * (phi / (phi.norm(dim=0, keepdim=True) + 1e-6))
-        return x @ phi
+        phi, keys = self.phi, x
+        if self.normalize != "none":
+            keys = l2_normalize(x, -1)
+            phi = self.scale * l2_normalize(phi, 0)
+        tokens = keys if self.normalize == "tokens" else x
+        logits = keys @ phi
+        return tokens, logits.softmax(dim=1), logits.softmax(dim=2)
 
     def dispatch_combine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch ``D`` (softmax over tokens) and combine ``C`` (softmax over slots), both ``[B, m, n·p]``."""
-        logits = self.logits(x)
-        return logits.softmax(dim=1), logits.softmax(dim=2)
+        """Dispatch ``D`` and combine ``C``, both ``[B, m, n·p]``."""
+        return self.route(x)[1:]
 
     def expert_mass(self, x: torch.Tensor) -> torch.Tensor:
         """Combine mass of every expert, summed over tokens and its slots: ``[B, n]`` (rows sum to ``m``)."""
-        _, combine = self.dispatch_combine(x)
-        return self._mass(combine)
+        return self._mass(self.route(x)[2])
 
     def _mass(self, combine: torch.Tensor) -> torch.Tensor:
         b, m, _ = combine.shape
@@ -195,87 +181,64 @@ class SoftMoE(nn.Module):
         return torch.bmm(h, w2) if b2 is None else torch.baddbmm(b2.unsqueeze(1), h, w2)
 
     def experts_forward(self, slots: torch.Tensor) -> torch.Tensor:
-        """Slot outputs ``Ỹ`` for slot inputs ``X̃`` ``[B, n·p, d]``: expert ``j`` reads its ``p`` slots."""
+        """Slot outputs ``Ỹ`` for slot inputs ``X̃ [B, n·p, d]``: expert ``j`` reads its ``p`` slots."""
         b = slots.shape[0]
         n, p, d = self.num_experts, self.slots_per_expert, self.dim
         if slots.shape[1:] != (n * p, d):
             raise ValueError(f"slots must have shape [batch, {n * p}, {d}], got {_shape(slots)}")
-        xs = slots.reshape(b, n, p, d).transpose(0, 1).reshape(n, b * p, d)  # expert-major
-        out = self._mlp(xs)
+        out = self._mlp(slots.reshape(b, n, p, d).transpose(0, 1).reshape(n, b * p, d))  # expert-major
         return out.reshape(n, b, p, d).transpose(0, 1).reshape(b, n * p, d)
 
-    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``Y = C(X) · Ỹ(X)`` ``[B, m, d]``; with a subset set (:func:`set_expert_subset`) only ``k`` experts run."""
         if self.subset is not None:
             s = self.subset
             return self.forward_subset(x, s.k, s.mode, s.generator)
-        dispatch, combine = self.dispatch_combine(x)
-        slots = dispatch.transpose(1, 2) @ x
-        return combine @ self.experts_forward(slots)
+        tokens, dispatch, combine = self.route(x)
+        return combine @ self.experts_forward(dispatch.transpose(1, 2) @ tokens)
 
+    # ------------------------------------------------------------------ subsets
     def check_k(self, k: int) -> None:
         """Raise a ``ValueError`` unless ``1 <= k <= num_experts``."""
         if isinstance(k, bool) or not isinstance(k, int):
             raise ValueError(f"k must be an integer number of experts in 1..{self.num_experts}, got {k!r}")
         if k < 1:
-            raise ValueError(
-                f"k must be >= 1 (k = {k} would drop every expert and output zeros); "
-                f"use 1 <= k <= num_experts = {self.num_experts}"
-            )
+            raise ValueError(f"k must be >= 1 (k = {k} would drop every expert and output zeros); "
+                             f"use 1 <= k <= num_experts = {self.num_experts}")
         if k > self.num_experts:
-            raise ValueError(
-                f"k = {k} is larger than num_experts = {self.num_experts}; use 1 <= k <= {self.num_experts}"
-            )
+            raise ValueError(f"k = {k} is larger than num_experts = {self.num_experts}; use 1 <= k <= {self.num_experts}")
 
-    def select_experts(
-        self,
-        x: torch.Tensor,
-        k: int,
-        mode: str = "best",
-        generator: torch.Generator | None = None,
-        combine: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def select_experts(self, x: torch.Tensor, k: int, mode: str = "best", generator: torch.Generator | None = None,
+                       combine: torch.Tensor | None = None) -> torch.Tensor:
         """Indices ``[B, k]`` (ascending) of the experts kept for every input.
 
-        ``best``: the ``k`` experts with the largest combine mass (Algorithm 1's rule, done for the whole
-        batch: ``topk`` of the mass, i.e. **dropping the n − k smallest**). ``random``: ``k`` experts drawn
-        uniformly without replacement, independently per input (the paper's baseline).
+        ``best``: the ``k`` experts with the largest combine mass (Algorithm 1's rule: ``topk``, i.e. **drop the
+        n − k smallest**). ``random``: ``k`` experts uniformly without replacement, independently per input.
         """
         self.check_k(k)
         if mode not in SUBSET_MODES:
             raise ValueError(f"mode must be one of {SUBSET_MODES}, got {mode!r}")
         if combine is None:
-            _, combine = self.dispatch_combine(x)
-        b = combine.shape[0]
+            combine = self.route(x)[2]
         if mode == "best":
             chosen = self._mass(combine).topk(k, dim=1).indices
         else:
-            noise = torch.rand(b, self.num_experts, generator=generator, device="cpu").to(combine.device)
-            chosen = noise.argsort(dim=1)[:, :k]
+            noise = torch.rand(combine.shape[0], self.num_experts, generator=generator, device="cpu")
+            chosen = noise.to(combine.device).argsort(dim=1)[:, :k]
         return chosen.sort(dim=1).values
 
-    def forward_subset(
-        self,
-        x: torch.Tensor,
-        k: int,
-        mode: str = "best",
-        generator: torch.Generator | None = None,
-        chosen: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward_subset(self, x: torch.Tensor, k: int, mode: str = "best", generator: torch.Generator | None = None,
+                       chosen: torch.Tensor | None = None) -> torch.Tensor:
         """Batched best (or random) expert subset selection; only the ``k`` kept experts are computed.
 
-        This is Algorithm 2 of Chung et al. as the authors' code does it: per input keep the ``k``
-        experts with the **largest** summed combine weight, give the others zero output, and combine
-        with the **unnormalised** ``C``. ``chosen [B, k]`` overrides the selection.
-
-        The kept (input, expert) pairs are grouped by expert into one buffer ``[experts used, capacity, p, d]``
-        (capacity = the most inputs any expert got) and run with one ``bmm``.
+        Algorithm 2 of Chung et al. as the authors' code does it: keep the ``k`` experts with the **largest**
+        summed combine weight, give the others zero output, combine with the **unnormalized** ``C``.
+        ``chosen [B, k]`` overrides the selection. The kept (input, expert) pairs are grouped by expert into one
+        buffer ``[experts used, capacity, p, d]`` and run with one ``bmm``.
         """
-        self.check_input(x)
+        tokens, dispatch, combine = self.route(x)
         b, m, d = x.shape
         p = self.slots_per_expert
-        dispatch, combine = self.dispatch_combine(x)
         if chosen is None:
             chosen = self.select_experts(x, k, mode, generator, combine=combine)
         else:
@@ -285,9 +248,8 @@ class SoftMoE(nn.Module):
         slot_idx = (chosen.unsqueeze(-1) * p + torch.arange(p, device=x.device)).reshape(b, 1, k * p)
         slot_idx = slot_idx.expand(b, m, k * p)
         d_sel, c_sel = dispatch.gather(2, slot_idx), combine.gather(2, slot_idx)  # [B, m, k·p]
-        slots = (d_sel.transpose(1, 2) @ x).reshape(b, k, p, d)
-        y_sel = self._run_chosen(slots, chosen)  # [B, k, p, d]
-        return c_sel @ y_sel.reshape(b, k * p, d)
+        slots = (d_sel.transpose(1, 2) @ tokens).reshape(b, k, p, d)
+        return c_sel @ self._run_chosen(slots, chosen).reshape(b, k * p, d)
 
     def _run_chosen(self, slots: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Run expert ``chosen[b, i]`` on ``slots[b, i]`` for all pairs, grouped by expert (no loop)."""
@@ -303,28 +265,22 @@ class SoftMoE(nn.Module):
         position = torch.empty_like(flat)
         position[order] = torch.arange(len(flat), device=flat.device) - starts[flat[order]]
         group = slot_of[flat]
-        buf = slots.new_zeros(len(used), capacity, p, d)
-        buf = buf.index_put((group, position), slots.reshape(b * k, p, d))
+        buf = slots.new_zeros(len(used), capacity, p, d).index_put((group, position), slots.reshape(b * k, p, d))
         out = self._mlp(buf.reshape(len(used), capacity * p, d), used).reshape(len(used), capacity, p, d)
         return out[group, position].reshape(b, k, p, d)
 
 
-# ---------------------------------------------------------------------- several layers
 def softmoe_layers(model: nn.Module) -> list[SoftMoE]:
-    """All :class:`SoftMoE` layers of ``model`` in module order (``model`` itself included)."""
+    """All :class:`SoftMoE` layers of ``model`` in module order. Taught in: book/softmoe_best_subset."""
     return [mod for mod in model.modules() if isinstance(mod, SoftMoE)]
 
 
-def set_expert_subset(
-    model: nn.Module,
-    k: int | Sequence[int | None] | None,
-    mode: str = "best",
-    generator: torch.Generator | None = None,
-) -> list[SoftMoE]:
+def set_expert_subset(model: nn.Module, k: int | Sequence[int | None] | None, mode: str = "best",
+                      generator: torch.Generator | None = None) -> list[SoftMoE]:
     """Make the Soft MoE layers of ``model`` keep only ``k`` experts per input (per layer, no training).
 
-    ``k`` is one number for every layer, a sequence with one entry per layer (``None`` = all experts in
-    that layer), or ``None`` to switch selection off everywhere. Returns the layers, in order.
+    ``k`` is one number for every layer, one entry per layer (``None`` = all experts there), or ``None`` to
+    switch selection off. Returns the layers in order. Taught in: book/softmoe_best_subset.
     """
     layers = softmoe_layers(model)
     if not layers:
@@ -346,13 +302,9 @@ def set_expert_subset(
 
 
 @contextlib.contextmanager
-def expert_subset(
-    model: nn.Module,
-    k: int | Sequence[int | None] | None,
-    mode: str = "best",
-    generator: torch.Generator | None = None,
-) -> Iterator[list[SoftMoE]]:
-    """Context manager form of :func:`set_expert_subset`; restores the previous choice on exit."""
+def expert_subset(model: nn.Module, k: int | Sequence[int | None] | None, mode: str = "best",
+                  generator: torch.Generator | None = None) -> Iterator[list[SoftMoE]]:
+    """:func:`set_expert_subset` for a ``with`` block; restores the previous choice. Taught in: book/softmoe_best_subset."""
     layers = softmoe_layers(model)
     before = [layer.subset for layer in layers]
     try:
@@ -362,64 +314,18 @@ def expert_subset(
             layer.subset = old
 
 
-# ---------------------------------------------------------------------- references and costs
-def best_subset_single(layer: SoftMoE, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Algorithm 1 for **one** input ``x [m, d]``, literally: run all experts, keep the ``k`` with most mass.
+def softmoe_flops(batch: int, tokens: int, dim: int, num_experts: int, hidden: int, slots_per_expert: int = 1,
+                  k: int | None = None) -> dict[str, int]:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass, by part, with ``k`` experts kept (default all).
 
-    ``C_sum,j = Σ_i C_ij`` (over tokens, and over the expert's slots); keep the ``k`` largest; zero the
-    other experts' rows of ``Ỹ``; return ``C · Ŷ`` without renormalising ``C``. Used to check
-    :meth:`SoftMoE.forward_subset`; it computes every expert, so it saves no time.
-    """
-    if x.dim() != 2 or x.shape[-1] != layer.dim:
-        raise ValueError(f"best_subset_single expects one input of shape [tokens, {layer.dim}], got {_shape(x)}")
-    layer.check_k(k)
-    dispatch, combine = layer.dispatch_combine(x.unsqueeze(0))
-    y_tilde = layer.experts_forward(dispatch.transpose(1, 2) @ x.unsqueeze(0))[0]  # [n·p, d]
-    mass = combine[0].sum(dim=0).reshape(layer.num_experts, layer.slots_per_expert).sum(dim=1)  # [n]
-    keep = torch.zeros(layer.num_experts, dtype=torch.bool, device=x.device)
-    keep[mass.topk(k).indices] = True
-    y_hat = y_tilde * keep.repeat_interleave(layer.slots_per_expert).unsqueeze(1).to(y_tilde.dtype)
-    return combine[0] @ y_hat
-
-
-def softmoe_forward_expert_loop(layer: SoftMoE, x: torch.Tensor) -> torch.Tensor:
-    """The same layer with a Python loop over experts (as many public implementations do).
-
-    A baseline for ``benchmarks/softmoe_layer.py`` only: it gives the same output as ``layer(x)``.
-    """
-    dispatch, combine = layer.dispatch_combine(x)
-    slots = dispatch.transpose(1, 2) @ x  # [B, n·p, d]
-    p = layer.slots_per_expert
-    act = ACTIVATIONS[layer.activation]
-    outs = []
-    for j in range(layer.num_experts):
-        h = slots[:, j * p : (j + 1) * p] @ layer.w1[j]
-        if layer.b1 is not None:
-            h = h + layer.b1[j]
-        o = act(h) @ layer.w2[j]
-        if layer.b2 is not None:
-            o = o + layer.b2[j]
-        outs.append(o)
-    return combine @ torch.cat(outs, dim=1)
-
-
-def softmoe_flops(
-    batch: int, tokens: int, dim: int, num_experts: int, hidden: int, slots_per_expert: int = 1, k: int | None = None
-) -> dict[str, int]:
-    """Multiply-add FLOPs (2 per MAC) of one forward pass, by part; ``k`` experts kept (default all).
-
-    ``router``: ``XΦ``; ``dispatch``: ``DᵀX`` for the kept slots; ``experts``: the kept experts;
-    ``combine``: ``C Ỹ`` for the kept slots. Softmaxes, norms and activations are not counted.
+    ``router`` ``XΦ``; ``dispatch`` ``DᵀX`` and ``combine`` ``CỸ`` for the kept slots; ``experts`` the kept
+    experts. Softmaxes, norms and activations are not counted. Taught in: book/softmoe_best_subset.
     """
     k = num_experts if k is None else k
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in 1..{num_experts}, got {k}")
     slots_all, slots_kept = num_experts * slots_per_expert, k * slots_per_expert
-    out = {
-        "router": 2 * batch * tokens * dim * slots_all,
-        "dispatch": 2 * batch * tokens * dim * slots_kept,
-        "experts": 2 * batch * slots_kept * 2 * dim * hidden,
-        "combine": 2 * batch * tokens * dim * slots_kept,
-    }
+    out = {"router": 2 * batch * tokens * dim * slots_all, "dispatch": 2 * batch * tokens * dim * slots_kept,
+           "experts": 2 * batch * slots_kept * 2 * dim * hidden, "combine": 2 * batch * tokens * dim * slots_kept}
     out["total"] = sum(out.values())
     return out
