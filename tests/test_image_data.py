@@ -262,6 +262,7 @@ def test_the_one_split_rule_is_stratified_seeded_and_a_partition() -> None:
     train, test = data.split_rows(labels, 0.25, seed=3)
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(120)) and len(test) == 30
     assert (abs(np.bincount(labels[test]) - 0.25 * np.bincount(labels)) <= 1).all()  # stratified
+    assert (np.diff(labels[train]) < 0).any()  # not in the file's class order (an unshuffled loader sees mixed labels)
     again = data.split_rows(labels, 0.25, seed=3)
     assert np.array_equal(again[1], test) and not np.array_equal(data.split_rows(labels, 0.25, seed=4)[1], test)
     with pytest.raises(ValueError, match="test_fraction must be in"):
