@@ -2,7 +2,7 @@
 
 Kratsios et al.'s setting (width 1000, 3 hidden layers, learnable PReLU, Adam lr 1e-4): MoMLP vs the
 equal-parameter dense MLP on every task of :func:`momlp_lite.regression.grid_setup`, plus the
-error-vs-number-of-experts sweep. Writes ``results/grid_paper_run.json`` (device, date, commit), which
+error-vs-number-of-experts sweep. Writes ``momlp_lite/results/grid_paper_run.json`` (device, date, commit), which
 the chapter ``book/momlp_grid_regression.ipynb`` plots beside its live run. Meant for a GPU::
 
     python benchmarks/grid_paper_run.py                 # everything (paper profile)

@@ -3,7 +3,7 @@
 Runs the sweep of the chapter *Classifying images with MoMLPs* under the current profile
 (``MOMLP_PROFILE``; the paper profile is CIFAR-10 + DINOv2 ViT-S/14 features, experts of width
 1000 with 4 hidden layers, BatchNorm + PReLU, AdamW 1e-3 — meant for a GPU with internet access for
-the dataset and the backbone), prints a table and writes ``results/image_classification.json``
+the dataset and the backbone), prints a table and writes ``momlp_lite/results/image_classification.json``
 with device, torch version, date and commit. The chapter plots that file when it exists.
 
     MOMLP_PROFILE=paper python benchmarks/image_classification.py

@@ -5,7 +5,7 @@ For each tree shape of the profile (``MOMLP_PROFILE``; paper: 4 to 256 experts o
 expert store plus a dense MLP with the same total parameters, then predicts a batch three ways:
 one expert at a time, all experts loaded, and dense. Inputs are Gaussian vectors — memory and speed
 do not depend on their values. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the
-peak bytes of live torch tensors elsewhere. Writes ``results/serving_memory.json`` (device, torch
+peak bytes of live torch tensors elsewhere. Writes ``momlp_lite/results/serving_memory.json`` (device, torch
 version, date, commit); the chapter *Serving a mixture one expert at a time* plots it.
 
     MOMLP_PROFILE=paper python benchmarks/serving_memory.py
