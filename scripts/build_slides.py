@@ -32,7 +32,6 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_DIR = ROOT / "scripts" / "slides_template"
 SLIDE_TAG = "slide"
-STOP_HEADINGS = re.compile(r"^##\s+(Exercises|Solutions)\b", re.I)
 
 _ROLE = re.compile(r"\{([\w:-]+)\}`([^`]*)`")
 _MATH_FENCE = re.compile(r"^(?P<f>`{3,}|:{3,})\{math\}[^\n]*\n(?:(?::[\w-]+:[^\n]*)\n)*(?P<body>.*?)^(?P=f)\s*$", re.M | re.S)
@@ -135,15 +134,13 @@ def deck_notebook(nb) -> nbformat.NotebookNode:
         if "remove-cell" in tags:
             continue
         if cell.cell_type == "markdown":
-            if any(STOP_HEADINGS.match(ln) for ln in cell.source.splitlines()):
-                head = cell.source.split("\n## ", 1)[0] if not STOP_HEADINGS.match(cell.source) else ""
-                if head.strip():
-                    cell = nbformat.v4.new_markdown_cell(head)
-                else:
+            stop_at = re.search(r"^##\s+(Exercises|Solutions)\b", cell.source, re.M | re.I)
+            stop = stop_at is not None
+            if stop:
+                head = cell.source[:stop_at.start()]
+                if not head.strip():
                     break
-                stop = True
-            else:
-                stop = False
+                cell = nbformat.v4.new_markdown_cell(head, metadata=cell.metadata)
             if SLIDE_TAG in tags:
                 extend_current(_clean_myst(cell.source))
             else:
