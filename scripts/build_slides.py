@@ -10,7 +10,7 @@ The rule that picks a slide's content (no per-cell marks needed, so editing the 
 
 * the ``#`` title and its first paragraph make the title slide;
 * each ``##`` heading starts a slide and each ``###`` heading a sub-slide; on it go the heading, the first paragraph
-  after it, and every display formula (``$$ ... $$``, ``{math}`` blocks, ``\\begin{...}`` environments);
+  after it (and the list right after it when that paragraph ends with a colon), and every display formula (``$$ ... $$``, ``{math}`` blocks, ``\\begin{...}`` environments);
 * each figure (a code cell whose output is a plotly figure or an image, or one with a ``figure`` option) gets a
   slide of its own below its section's slide, with its caption; code is never shown;
 * a cell tagged ``slide`` goes on the current slide whole (markdown) or as its output (code);
@@ -151,8 +151,14 @@ def deck_notebook(nb) -> nbformat.NotebookNode:
                     elif kind == "paragraph" and not state["paragraph_taken"]:
                         extend_current(text)
                         state["paragraph_taken"] = True
+                        state["list_follows"] = text.rstrip().endswith(":")
+                    elif kind == "other" and state.get("list_follows") and re.match(r"^\s*([-*+]|\d+\.)\s", text):
+                        extend_current(text)  # the list a first paragraph announces with its colon
+                        state["list_follows"] = False
                     elif kind == "math":
                         extend_current(text)
+                    if kind not in ("paragraph", "other"):
+                        state["list_follows"] = False
             if stop:
                 break
         elif cell.cell_type == "code" and (SLIDE_TAG in tags or _is_figure(cell)):
@@ -186,8 +192,8 @@ def export_deck(nb, html_dir: Path, name: str) -> Path:
     exporter = SlidesExporter(config=c)
     body, _ = exporter.from_notebook_node(nb, resources={"static_prefix": "../_static",
                                                          "metadata": {"name": name}})
-    external = sorted(set(re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", body)))
-    external = [u for u in external if not u.startswith(("https://colab", "https://mybinder"))]
+    # Links a reader may follow are fine; a script, style sheet or font fetched from the network is not.
+    external = sorted(set(re.findall(r"""<(?:script|link|img|iframe)[^>]+(?:src|href)=["'](https?://[^"']+)""", body)))
     if external:
         raise RuntimeError(f"deck {name} would load files from the network: {external[:5]}")
     path = html_dir / "slides" / f"{name}.slides.html"

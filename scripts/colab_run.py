@@ -95,6 +95,7 @@ def run_chapters(py: Path, chapters: list[Path], work: Path, profile: str, timeo
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MOMLP_RESULTS_DIR", "VIRTUAL_ENV")}
     env.update(MOMLP_PROFILE=profile, PATH=f"{py.parent}{os.pathsep}{env.get('PATH', '')}",
                JUPYTER_PATH=str(py.parent.parent / "share" / "jupyter"))  # the venv's kernel comes first
+    work.mkdir(parents=True, exist_ok=True)
     runner = work / "run_one.py"
     runner.write_text(RUNNER)
     out = {}

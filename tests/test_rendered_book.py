@@ -171,7 +171,7 @@ def test_page_renders_in_chromium(doc, browser, server, html_dir):
         else None,
     )
     url = urljoin(server, f"{doc}.html")
-    page.goto(url, wait_until="load")
+    page.goto(url, wait_until="load", timeout=120_000)
     page.wait_for_timeout(500)
 
     n_figs = page.locator(".plotly-graph-div").count()
@@ -214,7 +214,8 @@ def test_page_renders_in_chromium(doc, browser, server, html_dir):
 
 def _offline(page, server: str) -> None:
     """Block every host but the local server: the page must work without network (MathJax included)."""
-    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server) else route.abort())
+    # Only requests to other hosts are intercepted (local ones never pass through Python).
+    page.route(re.compile("^(?!" + re.escape(server) + ")"), lambda route: route.abort())
 
 
 def _loaded_bytes(page) -> int:
@@ -257,7 +258,7 @@ def test_deck_pages_through_in_chromium(chapter, browser, server):
     page.on("requestfailed", lambda req: failed.append(req.url))
     page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     _offline(page, server)
-    page.goto(urljoin(server, f"slides/{chapter}.slides.html"), wait_until="load")
+    page.goto(urljoin(server, f"slides/{chapter}.slides.html"), wait_until="load", timeout=120_000)
     page.wait_for_function("() => window.Reveal && Reveal.isReady()", timeout=30_000)
     page.evaluate("() => Reveal.configure({transition: 'none', backgroundTransition: 'none'})")
     mathjax = page.evaluate(MATHJAX_DONE_JS)
@@ -337,3 +338,21 @@ def test_routing_page_shows_partition_with_depth_slider(browser, server):
     page.close()
     assert len(labels) >= 3
     assert visible[-1] is True and visible[0] is False
+
+
+def test_the_math_checks_can_fail(browser, server):
+    """The raw-TeX and MathJax-error checks flag a broken page (so a green run means rendered math)."""
+    page = browser.new_page()
+    _offline(page, server)
+    page.set_content(r"<p>raw \(x^2\) here</p><p>and $y$ too</p><pre>\(code is fine\)</pre><p>costs 5 $ only</p>")
+    assert page.evaluate(RAW_TEX_JS) == [r"raw \(x^2\) here", "and $y$ too"]
+    page.goto(urljoin(server, "book/approximation_rates.html"), wait_until="load", timeout=120_000)
+    assert page.evaluate(MATHJAX_DONE_JS)["errors"] == []
+    html = page.evaluate(r"""async () => {
+        const host = document.querySelector('.math').parentElement;
+        host.insertAdjacentHTML('beforeend', '<span class="math notranslate nohighlight" id="bad">\\(x^1^2\\)</span>');
+        await MathJax.typesetPromise([host]);
+        return document.getElementById('bad').innerHTML;
+    }""")
+    assert page.evaluate(MATHJAX_DONE_JS)["errors"], f"a TeX error was not reported: {html[:300]}"
+    page.close()
