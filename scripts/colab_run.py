@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,9 +120,10 @@ def problems(results: dict[str, dict]) -> list[str]:
         if r["error"]:
             bad.append(f"{name}: {r['error'][-600:]}")
         text = r.get("stdout", "")
-        for phrase in ("python benchmarks/", "python scripts/", "benchmarks/", "results/"):
-            if phrase in text:
-                bad.append(f"{name}: prints {phrase!r} (a Colab reader has no repository)")
+        for phrase in (r"python scripts/", r"(?<![\w/])benchmarks/", r"(?<![\w/])results/"):
+            hit = re.search(r"[^\n]{0,60}" + phrase + r"[^\n]{0,60}", text)
+            if hit:
+                bad.append(f"{name}: prints {hit.group(0).strip()!r} (a Colab reader has no repository folders)")
         pkg = r.get("package", "")
         if pkg and str(ROOT) in pkg:
             bad.append(f"{name}: imported momlp_lite from the checkout ({pkg}), not from the wheel")
