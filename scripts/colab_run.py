@@ -39,7 +39,8 @@ work.mkdir(parents=True, exist_ok=True)
 t0 = time.perf_counter()
 error = None
 try:
-    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    # shutdown_kernel="immediate": a kernel that lingers on a graceful shutdown would add `timeout` seconds.
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", shutdown_kernel="immediate",
                             resources={"metadata": {"path": str(work)}}).execute()
 except Exception as exc:  # report, do not hide: the caller fails the run
     error = f"{type(exc).__name__}: {str(exc)[-1500:]}"
@@ -134,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chapters", nargs="*")
     parser.add_argument("--profile", default="smoke")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per cell (the smoke profile's limit)")
     parser.add_argument("--out", type=Path, default=ROOT / "_build" / "colab" / "times.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary venv and folders")
     args = parser.parse_args()
