@@ -4,7 +4,7 @@ For each process count W the whole command is timed (``python -m momlp_lite.dist
 W = 1, ``torchrun --standalone --nproc-per-node=W`` otherwise: start-up, tree, training, manifest),
 and the per-rank training seconds are read from the run summary. Every run starts from an empty
 output directory, and every store is checked bit for bit against the W = 1 store. The table and
-JSON (``results/<name>.json`` with device, torch version, date and commit) show the speed-up over
+JSON (``momlp_lite/results/<name>.json`` with device, torch version, date and commit) show the speed-up over
 W = 1 and the parallel efficiency.
 
 Examples

@@ -3,7 +3,7 @@
 One optimizer step = forward + backward + Adam update, on random data. For every number of
 experts L, per-expert batch B and precision it prints samples/s, achieved TFLOP/s (counted as
 6 x multiply-adds per sample, optimizer included in the time) and the ratios, and writes JSON to
-``results/<name>.json`` with device, torch version, date and commit.
+``momlp_lite/results/<name>.json`` with device, torch version, date and commit.
 
 Modes
 -----
@@ -166,7 +166,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None)
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
-    p.add_argument("--name", default=None, help="results/<name>.json (default: experts_training[_quick_<device>])")
+    p.add_argument("--name", default=None, help="momlp_lite/results/<name>.json (default: experts_training[_quick_<device>])")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.experts, args.batches = 64, [4, 16], [32, 128]

@@ -2,7 +2,7 @@
 
 A paper-profile run *is* the chapter: ``book/momlp_grid_regression.ipynb`` executed with ``MOMLP_PROFILE=paper``
 (width 1000, 3 hidden layers, learnable PReLU, Adam lr 1e-4) trains every task and the sweep and, in its
-"paper profile" cell, writes ``results/grid_paper_run.json`` with ``momlp_lite.runtime.write_results`` (device,
+"paper profile" cell, writes ``momlp_lite/results/grid_paper_run.json`` with ``momlp_lite.runtime.write_results`` (device,
 date, commit). No experiment code lives here. Meant for a GPU::
 
     python -m benchmarks.grid_paper_run                  # the paper profile
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     timeout = args.timeout or get_profile(args.profile).cell_timeout_s
     plan = dict(chapter=str(CHAPTER.relative_to(ROOT)), profile=args.profile, cell_timeout_s=timeout,
-                writes="results/grid_paper_run.json" if args.profile == "paper" else None)
+                writes="momlp_lite/results/grid_paper_run.json" if args.profile == "paper" else None)
     print(plan)
     if args.dry_run:
         return plan

@@ -7,7 +7,7 @@ depend on the weights — and (2) the seconds per lockstep step of the chapter's
 width 1000, 4 hidden layers, BatchNorm + PReLU, AdamW, on 384-d features) for each number of
 experts, and of their equal-parameter dense twins. Multiplied by the images of each dataset and by the
 chapter's 2,000 steps they give the time of a paper run on this machine, written as an **estimate**
-to ``results/image_paper_<dataset>.json`` for every dataset that has no measured (GPU) file yet.
+to ``momlp_lite/results/image_paper_<dataset>.json`` for every dataset that has no measured (GPU) file yet.
 A GPU run of the chapter replaces the file with measured numbers.
 
     python benchmarks/image_classification.py [--force]

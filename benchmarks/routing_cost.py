@@ -2,7 +2,7 @@
 
     python benchmarks/routing_cost.py [--points 1000000] [--threads 2]
 
-Prints a table and writes results/routing_cost.json (with device, torch version, date and commit).
+Prints a table and writes momlp_lite/results/routing_cost.json (with device, torch version, date and commit).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the store's primitives, like section 5 of book/serving_one_expert (the chapter, 
 the same measurement on real features). For each tree shape it saves a MoMLP as an expert store and a dense MLP with
 the same total parameters, then predicts one batch three ways: one expert at a time, all experts loaded, dense.
 Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak bytes of live torch tensors elsewhere.
-Writes ``results/serving_memory_bench.json``.
+Writes ``momlp_lite/results/serving_memory_bench.json``.
 
     MOMLP_PROFILE=paper python benchmarks/serving_memory.py
 """

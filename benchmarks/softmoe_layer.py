@@ -2,7 +2,7 @@
 
 The layer is the MNIST one of Chung et al.: 4 tokens of dimension 196, experts 196 → 784/n → 196, so the experts
 hold the same ~307K weights for every n. Both versions share the same parameters and give the same output (checked
-before timing). Writes ``results/softmoe_layer.json`` with the device name, torch version, date and git commit
+before timing). Writes ``momlp_lite/results/softmoe_layer.json`` with the device name, torch version, date and git commit
 (``momlp_lite.runtime.write_results``).
 
     python benchmarks/softmoe_layer.py            # batch 256, 20 repeats

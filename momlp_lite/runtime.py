@@ -36,7 +36,7 @@ from .store.files import atomic_write_bytes
 __all__ = [
     "PROFILES", "Profile", "get_profile", "choose", "seed_everything", "get_device", "describe_run",
     "Chapter", "start_chapter", "best_time", "torch_threads",
-    "results_dir", "run_metadata", "write_results", "load_results", "check_positive_int",
+    "results_dir", "run_metadata", "write_results", "load_results", "paper_profile_hint", "check_positive_int",
 ]
 
 T = TypeVar("T")
@@ -192,7 +192,46 @@ def start_chapter(seed: int = 0, cpu_threads: int | None = None) -> Chapter:
 
     use_book_renderer()
     print("This page ran with", describe_run(device))
+    hint = paper_profile_hint(device, profile)
+    if hint:
+        print(hint)
     return Chapter(profile, device, seed, generator)
+
+
+def _notebook_name() -> str | None:
+    """The running notebook's stem when the front end says it (Jupyter Server, VS Code), else ``None``."""
+    path = os.environ.get("JPY_SESSION_NAME")
+    if not path:
+        try:
+            from IPython import get_ipython  # type: ignore[import-not-found]
+
+            ns = getattr(get_ipython(), "user_ns", {}) or {}
+            path = ns.get("__session__") or ns.get("__vsc_ipynb_file__")
+        except ImportError:
+            path = None
+    return Path(str(path)).stem if path else None
+
+
+def paper_profile_hint(device: torch.device, profile: Profile, chapter: str | None = None) -> str | None:
+    """On a GPU outside the ``paper`` profile: one line saying how to switch, and how long it took there.
+
+    The time is read from the recorded ``chapter_times_paper`` results (``None`` off a GPU).
+    Taught in: book/intro.
+    """
+    if device.type != "cuda" or profile.name == "paper":
+        return None
+    how = (f"A GPU is here: for the papers' sizes run `import os; os.environ['{PROFILE_ENV}'] = 'paper'` "
+           "before the first code cell (or restart with that variable set); ")
+    rec = load_results("chapter_times_paper")
+    times = (rec or {}).get("chapters", {})
+    chapter = chapter or _notebook_name()
+    where = (rec or {}).get("meta", {}).get("device", "a GPU")
+    if chapter and chapter in times:
+        return how + f"this chapter took {times[chapter] / 60:.1f} min there on {where} (measured)."
+    if times:
+        lo, hi = min(times.values()) / 60, max(times.values()) / 60
+        return how + f"a chapter took {lo:.1f}-{hi:.1f} min there on {where} (measured)."
+    return how + "its time on a GPU has not been measured yet."
 
 
 @contextlib.contextmanager
@@ -227,9 +266,13 @@ RESULTS_ENV = "MOMLP_RESULTS_DIR"
 
 
 def results_dir() -> Path:
-    """``$MOMLP_RESULTS_DIR``, else ``results/`` at the repository root next to the package."""
+    """``$MOMLP_RESULTS_DIR``, else ``momlp_lite/results/`` inside the package (shipped as package data).
+
+    Recorded results travel with every install (a wheel on Colab included), so chapters show them anywhere.
+    Taught in: book/intro.
+    """
     env = os.environ.get(RESULTS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "results"
+    return Path(env) if env else Path(__file__).resolve().parent / "results"
 
 
 def _git_commit() -> str:
@@ -270,7 +313,10 @@ def run_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
 
 def write_results(name: str, payload: dict[str, Any], device: torch.device | str | None = None,
                   directory: Path | None = None) -> Path:
-    """Write ``payload`` plus :func:`run_metadata` to ``<results>/<name>.json`` atomically; return the path."""
+    """Write ``payload`` plus :func:`run_metadata` to ``<results_dir()>/<name>.json`` atomically; return the path.
+
+    ``<results_dir()>`` is ``momlp_lite/results/`` in a checkout: commit the file there and it ships with the package.
+    """
     folder = Path(directory) if directory is not None else results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
@@ -279,7 +325,15 @@ def write_results(name: str, payload: dict[str, Any], device: torch.device | str
 
 
 def load_results(name: str, directory: Path | None = None) -> dict[str, Any] | None:
-    """The recorded ``<results>/<name>.json``, or ``None`` when none has been recorded."""
+    """The recorded ``<results_dir()>/<name>.json``, or ``None`` when none has been recorded.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is empty or holds a path separator (pass the bare name, e.g. ``"routing_cost"``).
+    """
+    if not name or "/" in name or "\\" in name or name.endswith(".json"):
+        raise ValueError(f"name must be a bare result name like 'routing_cost', got {name!r}")
     path = (Path(directory) if directory is not None else results_dir()) / f"{name}.json"
     if not path.is_file():
         return None

@@ -3,7 +3,7 @@
     python scripts/time_chapters.py --profile default            # execute each chapter with nbclient
     python scripts/time_chapters.py --profile default --from-build-log build.log   # reuse a book build's timings
 
-Writes ``results/chapter_times_<profile>.json`` (with device, torch version, date and commit) and regenerates
+Writes ``momlp_lite/results/chapter_times_<profile>.json`` (with device, torch version, date and commit) and regenerates
 ``book/_course_times.md`` from every recorded profile.
 """
 
