@@ -54,6 +54,7 @@ class Profile:
         Longest a single notebook cell may run when the book is built under this profile.
     description : str
         One line for humans.
+    Taught in: book/intro (used by every chapter).
     """
 
     name: str
@@ -78,6 +79,7 @@ def get_profile(name: str | None = None) -> Profile:
     ------
     ValueError
         If the name is not one of ``smoke``, ``default``, ``paper``.
+    Taught in: book/intro (used by every chapter).
     """
     if name is None:
         name = os.environ.get(PROFILE_ENV, "default").strip() or "default"
@@ -96,13 +98,16 @@ def choose(*, smoke: T, default: T, paper: T, profile: str | Profile | None = No
     --------
     >>> choose(smoke=8, default=64, paper=1000, profile="smoke")
     8
+    Taught in: book/intro (used by every chapter).
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     return {"smoke": smoke, "default": default, "paper": paper}[prof.name]
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:
-    """Seed Python, NumPy and torch (CPU and CUDA); return a fresh seeded ``torch.Generator``."""
+    """Seed Python, NumPy and torch (CPU and CUDA); return a fresh seeded ``torch.Generator``.
+    Taught in: book/intro (used by every chapter).
+    """
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     random.seed(int(seed))
@@ -118,6 +123,7 @@ def get_device(prefer: str | None = None) -> torch.device:
     ------
     ValueError
         If the requested device is not available on this machine.
+    Taught in: book/intro (used by every chapter).
     """
     prefer = prefer or os.environ.get(DEVICE_ENV) or None
     if prefer is not None:
@@ -140,7 +146,9 @@ def _mps_available() -> bool:
 
 
 def describe_run(device: torch.device | None = None) -> str:
-    """One line naming the profile, device and library versions, for the top of a chapter."""
+    """One line naming the profile, device and library versions, for the top of a chapter.
+    Taught in: book/intro (used by every chapter).
+    """
     prof = get_profile()
     dev = device or get_device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
@@ -165,7 +173,7 @@ def check_positive_int(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class Chapter:
-    """The run settings a chapter reads once, near its top."""
+    """The run settings a chapter reads once, near its top. Taught in: book/intro (used by every chapter)."""
 
     profile: Profile
     device: torch.device
@@ -178,6 +186,7 @@ def start_chapter(seed: int = 0, cpu_threads: int | None = None) -> Chapter:
 
     On a CPU outside the ``paper`` profile, torch runs with one thread (or ``cpu_threads``): the
     chapters' tensors are small, and on a shared machine extra threads mostly wait on each other.
+    Taught in: book/intro.
     """
     profile = get_profile()
     generator = seed_everything(seed)
@@ -236,7 +245,7 @@ def paper_profile_hint(device: torch.device, profile: Profile, chapter: str | No
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op torch threads (1 keeps CPU timings stable on busy machines)."""
+    """Run the block with ``n`` intra-op torch threads (1 keeps CPU timings stable). Taught in: book/routing_trees."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -246,7 +255,9 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Best wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronised)."""
+    """Best wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronised).
+    Taught in: book/intro (used by every chapter).
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -298,7 +309,9 @@ def _cpu_name() -> str:
 
 
 def run_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Who/where/when of a run: device name, torch version, UTC date, git commit, host CPU."""
+    """Who/where/when of a run: device name, torch version, UTC date, git commit, host CPU.
+    Taught in: book/intro (used by every chapter).
+    """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)"
     return {
@@ -316,6 +329,7 @@ def write_results(name: str, payload: dict[str, Any], device: torch.device | str
     """Write ``payload`` plus :func:`run_metadata` to ``<results_dir()>/<name>.json`` atomically; return the path.
 
     ``<results_dir()>`` is ``momlp_lite/results/`` in a checkout: commit the file there and it ships with the package.
+    Taught in: book/intro (used by every chapter).
     """
     folder = Path(directory) if directory is not None else results_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -331,6 +345,7 @@ def load_results(name: str, directory: Path | None = None) -> dict[str, Any] | N
     ------
     ValueError
         If ``name`` is empty or holds a path separator (pass the bare name, e.g. ``"routing_cost"``).
+    Taught in: book/intro (used by every chapter).
     """
     if not name or "/" in name or "\\" in name or name.endswith(".json"):
         raise ValueError(f"name must be a bare result name like 'routing_cost', got {name!r}")

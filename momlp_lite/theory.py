@@ -40,7 +40,7 @@ _EVAL_BLOCK = 1 << 22  # elements of one [points, vertices, n] block
 
 # ---------------------------------------------------------------------------------------------- validation
 def check_eps(eps: float) -> float:
-    """Return ``eps`` as a float after checking ``0 < eps < 1``."""
+    """Return ``eps`` as a float after checking ``0 < eps < 1``. Taught in: book/approximation_rates."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
     value = float(eps)
@@ -60,7 +60,7 @@ def courant_hat(y: torch.Tensor) -> torch.Tensor:
     """Courant hat of the Kuhn triangulation of ``Z^n``: ``relu(1 - max(0, y) + min(0, y))`` over the last axis.
 
     It is 1 at the origin, 0 at every other integer point, and linear on every Kuhn simplex.
-    """
+    Taught in: book/approximation_rates."""
     zero = torch.zeros((), dtype=y.dtype, device=y.device)
     big = torch.maximum(y.amax(-1), zero)
     small = torch.minimum(y.amin(-1), zero)
@@ -74,7 +74,7 @@ def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     the first layer computes ``relu(1 - z_i + z_j)`` for the ``n (n+1)`` ordered pairs ``i != j`` of
     ``z = (0, y_1, ..., y_n)`` (so their minimum is ``relu(1 - max z + min z)``); the following layers take
     pairwise minima of non-negative numbers with ``min(a, b) = relu(a) - relu(a - b)``.
-    """
+    Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     pairs = [(i, j) for i in range(n + 1) for j in range(n + 1) if i != j]
     w1 = np.zeros((len(pairs), n))
@@ -106,7 +106,8 @@ def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def relu_network_forward(layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """Run ``(W, b)`` layers on ``x`` (``[N, in]``): ReLU after every layer but the last."""
+    """Run ``(W, b)`` layers on ``x`` (``[N, in]``): ReLU after every layer but the last.
+    Taught in: book/approximation_rates."""
     h = np.asarray(x, dtype=np.float64)
     for k, (w, b) in enumerate(layers):
         h = h @ w.T + b
@@ -117,7 +118,8 @@ def relu_network_forward(layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.
 
 def hat_parameter_count(n: int) -> int:
     """Parameters one vertex adds to an expert: non-zero weights plus biases of the hidden hat layers, plus the
-    non-zero output weights (which carry ``f(v)``). The expert's single output bias is counted separately."""
+    non-zero output weights (which carry ``f(v)``). The expert's single output bias is counted separately.
+    Taught in: book/approximation_rates."""
     layers = hat_network(n)
     hidden = sum(int(np.count_nonzero(w)) + len(b) for w, b in layers[:-1])
     return hidden + int(np.count_nonzero(layers[-1][0]))
@@ -125,7 +127,8 @@ def hat_parameter_count(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- the construction
 def cells_per_axis_for(lipschitz: float, n: int, eps: float) -> int:
-    """Smallest ``N`` with ``lipschitz * sqrt(n) / (2 N) <= eps``: sub-cubes per axis that guarantee sup error ``eps``."""
+    """Smallest ``N`` with ``lipschitz * sqrt(n) / (2 N) <= eps``: sub-cubes per axis that guarantee sup error ``eps``.
+    Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     eps = check_eps(eps)
     if not (math.isfinite(lipschitz) and lipschitz >= 0):
@@ -139,7 +142,7 @@ class ConstructionPlan:
 
     ``depth`` levels of a regular tree with 2 pieces per axis (``2^n`` children per node) and ``sub_cells = m``
     sub-cubes per axis inside each leaf: ``N = 2^depth * m`` cells per axis in all.
-    """
+    Taught in: book/approximation_rates."""
 
     n: int
     eps: float
@@ -205,7 +208,7 @@ def plan_construction(lipschitz: float, n: int, eps: float, r: float = 0.0) -> C
 
     With ``N`` the cells per axis that ``eps`` needs (:func:`cells_per_axis_for`), the depth is ``floor`` or
     ``ceil`` of ``(1 - r) log2 N`` (at least 1), whichever makes ``m = ceil(N / 2^depth)`` closest to ``N^r``.
-    """
+    Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     eps = check_eps(eps)
     if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0.0 <= float(r) <= 1.0:
@@ -227,7 +230,7 @@ class InterpolatingMoMLP:
     """A training-free MoMLP on ``[0,1]^n``: a regular routing tree and one exact ReLU interpolant per leaf.
 
     Build it with :func:`build_interpolating_momlp`. Calling it on ``[P, n]`` points routes each point to
-    one leaf and runs only that leaf's expert. Sizes live in :attr:`plan`.
+    one leaf and runs only that leaf's expert. Sizes live in :attr:`plan`. Taught in: book/approximation_rates.
     """
 
     plan: ConstructionPlan
@@ -290,7 +293,7 @@ def build_interpolating_momlp(
         of cells per axis that ``eps`` needs. ``0``: many constant-size experts; ``1/n``: experts of about
         ``1/eps`` parameters; ``1``: one large expert per half-cube (depth-1 tree).
     lipschitz : float, optional
-        Lipschitz constant to use (default: ``target.lipschitz(n)``).
+        Lipschitz constant to use (default: ``target.lipschitz(n)``). Taught in: book/approximation_rates.
     """
     tgt = get_target(target) if isinstance(target, str) else target
     _check_positive_ints(n=n)
@@ -314,7 +317,8 @@ def build_interpolating_momlp(
 # ---------------------------------------------------------------------------------------------- measuring
 def dense_test_points(n: int, per_axis: int, random_points: int = 0, seed: int = 0) -> torch.Tensor:
     """A dense float64 test set on ``[0,1]^n``: a regular grid with ``per_axis`` points per axis (choose it so
-    that it is *not* aligned with the interpolation grid) plus ``random_points`` uniform points."""
+    that it is *not* aligned with the interpolation grid) plus ``random_points`` uniform points.
+    Taught in: book/approximation_rates."""
     _check_positive_ints(n=n, per_axis=per_axis)
     axis = torch.linspace(0.0, 1.0, per_axis, dtype=torch.float64)
     mesh = torch.meshgrid(*([axis] * n), indexing="ij")
@@ -326,7 +330,8 @@ def dense_test_points(n: int, per_axis: int, random_points: int = 0, seed: int =
 
 
 def sup_error(model, target: str | Target, x: torch.Tensor) -> float:
-    """``max |model(x) - f(x)|`` over the points ``x`` (``[P, n]``), computed in float64."""
+    """``max |model(x) - f(x)|`` over the points ``x`` (``[P, n]``), computed in float64.
+    Taught in: book/approximation_rates."""
     tgt = get_target(target) if isinstance(target, str) else target
     x64 = torch.as_tensor(x).to(torch.float64)
     pred = torch.as_tensor(model(x64)).to(torch.float64).reshape(-1)
@@ -334,7 +339,7 @@ def sup_error(model, target: str | Target, x: torch.Tensor) -> float:
 
 
 def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
-    """Least-squares slope of ``log y`` against ``log x``."""
+    """Least-squares slope of ``log y`` against ``log x``. Taught in: book/approximation_rates."""
     lx, ly = np.log(np.asarray(x, dtype=np.float64)), np.log(np.asarray(y, dtype=np.float64))
     if len(lx) < 2 or np.ptp(lx) == 0:
         raise ValueError(f"need at least two distinct x values to fit a slope, got {list(x)}")
@@ -346,7 +351,7 @@ def momlp_vc_bound(n: int, L: int, J: int, W: int) -> int:
     """Kratsios et al.'s MoMLP bound ``O~(L * max{n L, J W})`` with the hidden constant set to 1 and log factors dropped.
 
     ``n``: input dimension, ``L``: number of experts, ``J``: expert depth, ``W``: expert width.
-    """
+    Taught in: book/vc_dimension."""
     _check_positive_ints(n=n, L=L, J=J, W=W)
     return int(L) * max(int(n) * int(L), int(J) * int(W))
 
@@ -358,13 +363,15 @@ def _check_dense(num_params: int, num_layers: int) -> None:
 
 
 def dense_vc_upper(num_params: int, num_layers: int) -> float:
-    """Bartlett et al. (2019) upper bound ``O(P D log P)`` for piecewise-linear nets, constant 1: ``P * D * log2(P)``."""
+    """Bartlett et al. (2019) upper bound ``O(P D log P)`` for piecewise-linear nets, constant 1: ``P * D * log2(P)``.
+    Taught in: book/vc_dimension."""
     _check_dense(num_params, num_layers)
     return float(num_params * num_layers * math.log2(num_params))
 
 
 def dense_vc_lower(num_params: int, num_layers: int) -> float:
-    """Bartlett et al. (2019) lower bound ``Omega(P D log(P / D))``, constant 1: ``P * D * log2(P / D)``."""
+    """Bartlett et al. (2019) lower bound ``Omega(P D log(P / D))``, constant 1: ``P * D * log2(P / D)``.
+    Taught in: book/vc_dimension."""
     _check_dense(num_params, num_layers)
     if num_layers >= num_params:
         raise ValueError(f"num_layers ({num_layers}) must be < num_params ({num_params}) for the lower bound")
@@ -372,14 +379,16 @@ def dense_vc_lower(num_params: int, num_layers: int) -> float:
 
 
 def momlp_total_parameters(n: int, L: int, J: int, W: int, prelu: bool = True) -> int:
-    """Parameters of ``L`` experts ``n -> W (x J hidden layers) -> 1`` (PReLU slopes included by default)."""
+    """Parameters of ``L`` experts ``n -> W (x J hidden layers) -> 1`` (PReLU slopes included by default).
+    Taught in: book/vc_dimension."""
     _check_positive_ints(n=n, L=L, J=J, W=W)
     return int(L) * mlp_parameter_count(int(n), int(W), int(J), 1, prelu=prelu)
 
 
 def kink_target(c: float = 1 / math.pi) -> Target:
     """``f(x) = |x - c 1|_2``: Lipschitz constant 1, not differentiable at ``c 1``. The default ``c = 1/pi`` is on no
-    dyadic grid, so the kink never sits on an interpolation vertex (unlike ``TARGETS['distance']`` at ``c = 1/2``)."""
+    dyadic grid, so the kink never sits on an interpolation vertex (unlike ``TARGETS['distance']`` at ``c = 1/2``).
+    Taught in: book/approximation_rates."""
     if not (isinstance(c, (int, float)) and math.isfinite(c)):
         raise ValueError(f"c must be a finite number, got {c!r}")
     return Target(

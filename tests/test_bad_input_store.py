@@ -131,7 +131,7 @@ def test_bad_payloads_name_the_value(tmp_path: Path, tensors, metadata, named: s
 def test_a_store_needs_one_expert_per_leaf(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ids 0..3 for this tree, got \[0, 1, 2\]"):
         ExpertStore.save(tmp_path / "s", StackedMLP(3, 2, 4, 1, 1), RoutingTree.regular(2, 1, 2))
-    with pytest.raises(ValueError, match="JSON-serialisable"):
+    with pytest.raises(ValueError, match="JSON-serializable"):
         write_manifest(tmp_path / "m", {"x": float("inf")})
 
 

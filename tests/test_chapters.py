@@ -112,7 +112,7 @@ def test_notebooks_only_read_what_the_install_provides(path):
 def test_course_guide_quotes_a_measured_time_for_every_chapter():
     import json
 
-    times = json.loads((ROOT / "results" / "chapter_times_default.json").read_text())
+    times = json.loads((ROOT / "momlp_lite" / "results" / "chapter_times_default.json").read_text())
     assert times["meta"]["device"] and times["meta"]["commit"]
     chapters = [f.split("/")[-1] for f in _toc_files() if (ROOT / f"{f}.ipynb").exists()]
     assert sorted(times["chapters"]) == sorted(chapters)

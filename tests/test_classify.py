@@ -26,8 +26,8 @@ def _blobs(n: int = 800, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 4, (n,), generator=g)
     angle = y.float() * math.pi / 2
-    centre = torch.stack([angle.cos(), angle.sin()], 1) * 3
-    return centre + 0.5 * torch.randn(n, 2, generator=g), y
+    center = torch.stack([angle.cos(), angle.sin()], 1) * 3
+    return center + 0.5 * torch.randn(n, 2, generator=g), y
 
 
 def _accuracy(model: StackedMLP, tree: RoutingTree, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 The torchrun tests launch real process groups: ``python -m torch.distributed.run --standalone
 --nproc-per-node=2`` on CPU (gloo). Stores are compared tensor by tensor with ``torch.equal`` (bit
-for bit): every expert's initialisation and data order depend only on (seed, expert id), so a
+for bit): every expert's initialization and data order depend only on (seed, expert id), so a
 2-process run must write exactly the bytes a 1-process run writes.
 """
 
@@ -114,7 +114,7 @@ def test_shard_arguments_are_checked() -> None:
         shard_ids(range(4), 2, 2)
 
 
-def test_expert_initialisation_depends_only_on_seed_and_id(tmp_path: Path) -> None:
+def test_expert_initialization_depends_only_on_seed_and_id(tmp_path: Path) -> None:
     cfg = load_run_config(write_config(tmp_path))
     shape = dict(n_in=2, width=8, hidden_layers=2, n_out=1, prelu=True, batchnorm=False)
     group = init_experts(cfg, shape, [3, 11, 5])

@@ -200,7 +200,7 @@ def test_broadcast_input_and_bf16_autocast():
 
 
 @pytest.mark.parametrize("kw", SHAPES)
-def test_fold_affine_matches_standardised_experts(kw):
+def test_fold_affine_matches_standardized_experts(kw):
     m = make(**kw).eval()
     perturb_(m)
     g = torch.Generator().manual_seed(5)

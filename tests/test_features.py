@@ -41,21 +41,21 @@ class CountingPixels(PixelFeatures):
 
 
 # ---------------------------------------------------------------------------- extractors
-def test_pixel_features_are_standardised() -> None:
+def test_pixel_features_are_standardized() -> None:
     d = _toy_data()
     f = PixelFeatures().fit(d.train, batch_size=7)
     z = f(next(d.train.batches(1000)))
     assert z.shape == (60, 16)
     assert torch.allclose(z.mean(0), torch.zeros(16), atol=1e-5)
     assert torch.allclose(z[:, 1:].std(0, unbiased=False), torch.ones(15), atol=1e-4)
-    assert torch.all(z[:, 0] == 0)  # the constant pixel is centred, not blown up
+    assert torch.all(z[:, 0] == 0)  # the constant pixel is centered, not blown up
     with pytest.raises(ValueError, match="fitted on 16"):
         f(torch.zeros(2, 1, 5, 5))
     with pytest.raises(RuntimeError, match="not fitted"):
         PixelFeatures()(torch.zeros(1, 1, 4, 4))
 
 
-def test_pca_matches_an_svd_of_the_standardised_pixels() -> None:
+def test_pca_matches_an_svd_of_the_standardized_pixels() -> None:
     d = load_image_data("digits")
     pca = PCAFeatures(5).fit(d.train, batch_size=100)
     z = PixelFeatures().fit(d.train)(next(d.train.batches(10_000))).double()
@@ -107,8 +107,8 @@ def test_dinov2_preprocessing_with_a_stand_in_backbone(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.hub, "load", lambda repo, model, **kw: calls.append((repo, model)) or Probe())
     ext = DINOv2Features("dinov2_vitb14", image_size=28, device="cpu")
     assert calls == [("facebookresearch/dinov2", "dinov2_vitb14")] and ext.key == "dinov2_vitb14-28"
-    grey = torch.full((2, 1, 8, 8), 0.5)
-    out = ext(grey)
+    gray = torch.full((2, 1, 8, 8), 0.5)
+    out = ext(gray)
     assert seen[-1].shape == (2, 3, 28, 28)
     expected = (0.5 - torch.tensor(fm._IMAGENET_MEAN)) / torch.tensor(fm._IMAGENET_STD)
     assert torch.allclose(out, expected.expand(2, 3), atol=1e-5)

@@ -122,8 +122,8 @@ def write_food101(root: Path, per_class: tuple[int, int] = (2, 1)) -> dict:
             for rel in rels:
                 p = base / "images" / f"{rel}.jpg"
                 p.parent.mkdir(parents=True, exist_ok=True)
-                colour = (200, 30, 30) if rel.startswith("apple") else (20, 20, 220)
-                Image.new("RGB", (40, 30), colour).save(p)
+                color = (200, 30, 30) if rel.startswith("apple") else (20, 20, 220)
+                Image.new("RGB", (40, 30), color).save(p)
     return splits
 
 

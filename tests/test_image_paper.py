@@ -1,7 +1,7 @@
 """The image chapter's paper profile, end to end, on tiny datasets in torchvision's own formats.
 
 ``MOMLP_DATA`` points at tiny CIFAR-10, CIFAR-100 and Food-101 files; ``TORCH_HOME`` at a
-**random-weight stand-in for DINOv2** (used only here, labelled in its own file: it makes the real
+**random-weight stand-in for DINOv2** (used only here, labeled in its own file: it makes the real
 ``torch.hub`` loading path run offline, its features mean nothing). The chapter is run as the GPU
 script runs it — its sizes cell amended with one line naming the datasets — plus one line that
 shrinks the heads to CPU-test size. Its code cells run in this process so that the test's patch

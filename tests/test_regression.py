@@ -103,7 +103,7 @@ def test_benchmark_script_runs_tiny(tmp_path, monkeypatch):
 def test_paper_run_script_executes_the_chapter_itself():
     plan = load_script("grid_paper_run").main(["--dry-run"])
     assert plan["chapter"] == "book/momlp_grid_regression.ipynb" and plan["profile"] == "paper"
-    assert plan["writes"] == "results/grid_paper_run.json"
+    assert plan["writes"] == "momlp_lite/results/grid_paper_run.json"
     source = (ROOT / "benchmarks" / "grid_paper_run.py").read_text()
     assert "train_experts" not in source and "momlp_lite.moe" not in source  # no experiment driver of its own
     nb = nbformat.read(CHAPTER, as_version=4)

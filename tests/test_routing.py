@@ -87,7 +87,7 @@ def test_leaf_cells_tile_the_domain(n, branching, depth):
     assert bool((inside == 1).all())
 
 
-def test_regular_keys_are_subcube_centres():
+def test_regular_keys_are_subcube_centers():
     tree = RoutingTree.regular(2, 2, 2)
     lo, hi = tree.leaf_cells()
     assert torch.allclose(tree.leaf_keys.double(), (lo + hi) / 2)
@@ -115,8 +115,8 @@ def test_kmeans_keys_are_centroids_of_their_points():
 
 def test_kmeans_tree_beats_regular_tree_on_clustered_data():
     gen = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[0.2, 0.2], [0.8, 0.7]])
-    x = centres[torch.randint(0, 2, (4000,), generator=gen)] + 0.03 * torch.randn(4000, 2, generator=gen)
+    centers = torch.tensor([[0.2, 0.2], [0.8, 0.7]])
+    x = centers[torch.randint(0, 2, (4000,), generator=gen)] + 0.03 * torch.randn(4000, 2, generator=gen)
     km = RoutingTree.from_data(x, depth=3, branching=4)
     reg = RoutingTree.regular(2, 3, 2)
     assert int((km.leaf_counts(x) == 0).sum()) < int((reg.leaf_counts(x) == 0).sum())

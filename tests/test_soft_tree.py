@@ -147,7 +147,7 @@ def test_sharp_nodes_make_soft_and_hard_routing_agree():
     assert torch.allclose(soft, hard, atol=1e-3)
 
 
-def test_minimising_the_hardening_penalty_drives_the_hard_leaf_mass_to_one():
+def test_minimizing_the_hardening_penalty_drives_the_hard_leaf_mass_to_one():
     tree = _tree(3)
     x = torch.randn(256, 3, generator=torch.Generator().manual_seed(4))
     before = float(tree.hard_leaf_mass(x).mean())

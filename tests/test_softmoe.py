@@ -207,7 +207,7 @@ def test_algorithm2_batched_equals_algorithm1_per_input(shape, data):
     torch.testing.assert_close(batched, one_by_one, rtol=1e-9, atol=1e-10)
 
 
-def test_algorithm1_keeps_largest_mass_and_does_not_renormalise():
+def test_algorithm1_keeps_largest_mass_and_does_not_renormalize():
     layer, x = make(dict(batch=1, tokens=3, dim=4, experts=4, hidden=3, slots=1, normalize="tokens", bias=False, seed=5))
     tokens, dispatch, combine = layer.route(x)
     y_tilde = layer.experts_forward(dispatch.transpose(1, 2) @ tokens)[0]

@@ -173,7 +173,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors"]
 
 
-def test_crash_leftover_temp_file_is_recognisable(tmp_path: Path) -> None:
+def test_crash_leftover_temp_file_is_recognizable(tmp_path: Path) -> None:
     path = tmp_path / "e.safetensors"
     save_expert_file(path, _tensors())
     leftover = tmp_path / f".e.safetensors{store._TMP_MARK}abc123"
@@ -223,7 +223,7 @@ def test_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "other"}))
     with pytest.raises(StoreError, match="not a momlp-store manifest"):
         read_manifest(tmp_path)
-    with pytest.raises(ValueError, match="JSON-serialisable"):
+    with pytest.raises(ValueError, match="JSON-serializable"):
         write_manifest(tmp_path, {"x": float("nan")})
 
 

@@ -121,7 +121,7 @@ class PixelFeatures(FeatureExtractor):
 
 
 class PCAFeatures(FeatureExtractor):
-    """Standardised pixels projected on the top ``n_components`` principal components of the training set.
+    """Standardized pixels projected on the top ``n_components`` principal components of the training set.
 
     The covariance is accumulated batch by batch (float64), so any dataset size fits in memory.
     Taught in: book/image_classification.
@@ -189,7 +189,7 @@ def dinov2_files(model: str = "dinov2_vits14") -> tuple[Path, Path]:
 class DINOv2Features(FeatureExtractor):
     """A frozen DINOv2 backbone from ``torch.hub`` (Oquab et al. 2023): the class-token embedding.
 
-    Images are resized (bicubic) to ``image_size``, a multiple of the 14-pixel patch, grey images are
+    Images are resized (bicubic) to ``image_size``, a multiple of the 14-pixel patch, gray images are
     repeated to three channels, and the ImageNet mean/std are applied, as in DINOv2's linear
     evaluation. When the code folder of :func:`dinov2_files` exists it is loaded from there
     (``source="local"``, no network); otherwise ``torch.hub`` fetches code and weights. Where neither

@@ -39,6 +39,7 @@ class Target:
         ``lipschitz(n)`` returns a Lipschitz constant (w.r.t. the Euclidean norm) in dimension n.
     formula : str
         The formula, for captions.
+    Taught in: book/momlp_grid_regression.
     """
 
     name: str
@@ -89,7 +90,7 @@ TARGETS: dict[str, Target] = {
 
 
 def get_target(name: str) -> Target:
-    """Return the target called ``name`` (one of ``TARGETS``)."""
+    """Return the target called ``name`` (one of ``TARGETS``). Taught in: book/momlp_grid_regression."""
     try:
         return TARGETS[name]
     except KeyError:
@@ -109,6 +110,7 @@ def grid_points(n: int, s: int, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
     """The s^n vertices of the regular grid on [a, b]^n, as a ``[s**n, n]`` float32 tensor.
 
     Rows are in lexicographic order (last coordinate fastest).
+    Taught in: book/momlp_grid_regression.
     """
     _check_box(n, a, b)
     if not isinstance(s, (int, np.integer)) or s < 2:
@@ -125,6 +127,7 @@ class GridData:
     """A seeded train/test split of grid samples ``(x, f(x))``.
 
     ``x_*`` are ``[N, n]`` float32 tensors and ``y_*`` are ``[N, 1]``.
+    Taught in: book/momlp_grid_regression.
     """
 
     x_train: torch.Tensor
@@ -155,6 +158,7 @@ def make_grid_data(
 
     The test set holds ``round(test_fraction * s**n)`` points; the rest is for training
     (and validation, which the trainer carves out of it).
+    Taught in: book/momlp_grid_regression.
     """
     tgt = get_target(target) if isinstance(target, str) else target
     if not 0.0 < test_fraction < 1.0:

@@ -44,7 +44,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_device(text: str | None) -> str | None:
-    """Check a ``--device`` value: ``cpu``, ``cuda``, ``cuda:<index>`` or ``mps`` (``ValueError`` otherwise)."""
+    """Check a ``--device`` value: ``cpu``, ``cuda``, ``cuda:<index>`` or ``mps`` (``ValueError`` otherwise).
+    Taught in: book/distributed_training.
+    """
     if text is None:
         return None
     kind, _, index = text.partition(":")
@@ -85,7 +87,9 @@ def _check_output(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; prints the run summary as one JSON line at the end (rank 0)."""
+    """Command-line entry point; prints the run summary as one JSON line at the end (rank 0).
+    Taught in: book/distributed_training.
+    """
     args = _parse_args(argv)
     try:
         cfg = load_run_config(args.config, profile=args.profile, overrides=_overrides(args))

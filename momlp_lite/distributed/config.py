@@ -53,7 +53,9 @@ def _spec(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: fl
 @dataclass(frozen=True)
 class DataSection:
     """``kind: grid`` samples ``target`` on the ``s**n`` grid over ``[a, b]**n`` (``test_fraction`` held out);
-    ``kind: file`` reads ``x_train [N, n]``, ``y_train`` from the safetensors file ``path``."""
+    ``kind: file`` reads ``x_train [N, n]``, ``y_train`` from the safetensors file ``path``.
+    Taught in: book/distributed_training.
+    """
 
     kind: str = _spec("grid", choices=("grid", "file"))
     target: str | None = _spec(None, choices=tuple(sorted(TARGETS)))
@@ -67,7 +69,9 @@ class DataSection:
 
 @dataclass(frozen=True)
 class RoutingSection:
-    """``regular`` (nested sub-boxes of the grid's box) or ``kmeans`` (recursive k-means) trees."""
+    """``regular`` (nested sub-boxes of the grid's box) or ``kmeans`` (recursive k-means) trees.
+    Taught in: book/distributed_training.
+    """
 
     kind: str = _spec("regular", choices=("regular", "kmeans"))
     depth: int = _spec(2, ge=1)
@@ -77,7 +81,7 @@ class RoutingSection:
 
 @dataclass(frozen=True)
 class ExpertSection:
-    """Every expert MLP: ``n -> width (x hidden_layers) -> outputs``."""
+    """Every expert MLP: ``n -> width (x hidden_layers) -> outputs``. Taught in: book/distributed_training."""
 
     width: int = _spec(32, ge=1)
     hidden_layers: int = _spec(3, ge=1)
@@ -87,7 +91,9 @@ class ExpertSection:
 
 @dataclass(frozen=True)
 class RunSection:
-    """Where the store goes and how the work is cut into lockstep groups (does not change the weights)."""
+    """Where the store goes and how the work is cut into lockstep groups (does not change the weights).
+    Taught in: book/distributed_training.
+    """
 
     output_dir: str = _spec("momlp_run")
     experts_per_step: int = _spec(8, ge=1)
@@ -129,7 +135,9 @@ _SECTIONS: dict[str, type] = {"data": DataSection, "routing": RoutingSection, "e
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a ``.yaml``/``.yml`` or ``.toml`` file into a dict (no validation)."""
+    """Read a ``.yaml``/``.yml`` or ``.toml`` file into a dict (no validation).
+    Taught in: book/distributed_training.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a .yaml or .toml file")
@@ -159,7 +167,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_run_config(path: str | os.PathLike[str], profile: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read and validate a config file (a relative ``data.path`` is relative to the file's folder)."""
+    """Read and validate a config file (a relative ``data.path`` is relative to the file's folder).
+    Taught in: book/distributed_training.
+    """
     raw = read_config_file(path)
     return parse_run_config(raw, profile=profile, overrides=overrides, base_dir=Path(path).resolve().parent)
 
@@ -171,11 +181,12 @@ def parse_run_config(raw: Mapping[str, Any], profile: str | None = None, overrid
     ``profile`` (else the file's ``profile``, else ``$MOMLP_PROFILE``) resolves per-profile values;
     ``overrides`` are dotted keys (``{"run.output_dir": "/scratch/run1"}``); ``base_dir`` anchors a
     relative ``data.path``. Raises :class:`ConfigError` naming the key.
+    Taught in: book/distributed_training.
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a table of keys, got {type(raw).__name__}")
     raw = _apply_overrides(dict(raw), overrides or {})
-    if "optimiser" in raw:
+    if "optimiser" in raw:  # the legacy (British) table name of earlier configs
         raise ConfigError("unknown key 'optimiser': the table is now 'train', the trainer's TrainConfig "
                           "(optimiser.name -> train.optimizer, optimiser.epochs -> train.max_epochs); rename it")
     _reject_unknown(raw, ("seed", "profile", *_SECTIONS), prefix="")

@@ -4,7 +4,7 @@ Taught in: book/distributed_training. Algorithm 2 trains every expert on its own
 the experts split over processes with no gradient exchange. Rank ``r`` of ``W`` trains ``ids[r::W]``
 in lockstep groups of ``run.experts_per_step`` and writes each finished expert through the store
 (:func:`momlp_lite.store.experts.write_expert`); rank 0 checks every expert and commits the manifest
-(:func:`~momlp_lite.store.experts.write_manifest`). Expert ``i``'s initialisation and data order
+(:func:`~momlp_lite.store.experts.write_manifest`). Expert ``i``'s initialization and data order
 depend only on ``(seed, i)``: any number of processes writes the same store. Re-running resumes:
 experts whose file is valid and has this config's fingerprint are skipped.
 """
@@ -50,7 +50,9 @@ SUMMARY_NAME = "summary.json"
 
 # ---------------------------------------------------------------------------- data + tree
 def load_training_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training points of ``cfg.data``; :class:`ConfigError` (naming ``data.path``) for bad files."""
+    """The training points of ``cfg.data``; :class:`ConfigError` (naming ``data.path``) for bad files.
+    Taught in: book/distributed_training.
+    """
     d = cfg.data
     if d.kind == "grid":
         grid = make_grid_data(d.target, d.n, d.s, d.a, d.b, d.test_fraction, seed=cfg.seed)  # type: ignore[arg-type]
@@ -91,7 +93,9 @@ def load_training_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_training_data(cfg: RunConfig, x: torch.Tensor) -> None:
-    """Checks that need the data (``--check`` runs them too): a k-means tree needs a point per leaf."""
+    """Checks that need the data (``--check`` runs them too): a k-means tree needs a point per leaf.
+    Taught in: book/distributed_training.
+    """
     r = cfg.routing
     if r.kind == "kmeans" and len(x) < r.branching**r.depth:
         raise ConfigError(f"routing: a k-means tree with branching={r.branching}, depth={r.depth} has "
@@ -100,7 +104,9 @@ def check_training_data(cfg: RunConfig, x: torch.Tensor) -> None:
 
 
 def build_tree(cfg: RunConfig, x_train: torch.Tensor) -> RoutingTree:
-    """The routing tree ``cfg.routing`` asks for (deterministic given the config)."""
+    """The routing tree ``cfg.routing`` asks for (deterministic given the config).
+    Taught in: book/distributed_training.
+    """
     r = cfg.routing
     if r.kind == "regular":
         return RoutingTree.regular(cfg.data.n, r.depth, r.branching, cfg.data.a, cfg.data.b)  # type: ignore[arg-type]
@@ -148,13 +154,17 @@ def expert_shape(cfg: RunConfig, y: torch.Tensor, n_in: int) -> dict[str, Any]:
 
 
 def init_experts(cfg: RunConfig, shape: dict[str, Any], expert_ids: Sequence[int]) -> StackedMLP:
-    """Freshly initialised experts; expert ``i``'s weights depend only on ``(cfg.seed, i)``."""
+    """Freshly initialized experts; expert ``i``'s weights depend only on ``(cfg.seed, i)``.
+    Taught in: book/distributed_training.
+    """
     return StackedMLP(len(expert_ids), expert_ids=list(expert_ids), seed=cfg.seed, **shape)
 
 
 def train_config(cfg: RunConfig, counts: torch.Tensor, device: torch.device, progress: bool = False) -> TrainConfig:
     """``cfg.train`` with the step budget and evaluation interval fixed from the largest shard of *all* experts,
-    so every expert gets the same budget whichever process (or group) trains it."""
+    so every expert gets the same budget whichever process (or group) trains it.
+    Taught in: book/distributed_training.
+    """
     t = cfg.train
     n_max = max(1, int((counts - torch.floor(counts.double() * t.val_fraction).long()).max()))
     steps = t.max_steps if t.max_epochs is None else max(1, math.ceil(t.max_epochs * n_max / t.batch_size))
@@ -233,7 +243,9 @@ def _scan(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, tupl
 
 
 def expert_status(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, str]:
-    """``"done"``, ``"missing"``, ``"corrupt"`` or ``"failed"`` per expert id (RuntimeError for other settings)."""
+    """``"done"``, ``"missing"``, ``"corrupt"`` or ``"failed"`` per expert id (RuntimeError for other settings).
+    Taught in: book/distributed_training.
+    """
     return {i: st for i, (st, _) in _scan(Path(out_dir), ids, fingerprint).items()}
 
 
@@ -248,7 +260,9 @@ def _maybe_crash(workers: Workers, saved: int) -> None:
 
 def train_shard(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, tree: RoutingTree, out_dir: Path,
                 workers: Workers, progress: bool = True) -> dict[str, Any]:
-    """Train this process's experts that are not done; write each through the store. Returns the rank's record."""
+    """Train this process's experts that are not done; write each through the store. Returns the rank's record.
+    Taught in: book/distributed_training.
+    """
     from tqdm.auto import tqdm
 
     fp, leaf = cfg.fingerprint(), tree.route(x)
@@ -283,7 +297,9 @@ def train_shard(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, tree: RoutingT
 # ---------------------------------------------------------------------------- commit
 def finalize(cfg: RunConfig, tree: RoutingTree, n_in: int, y: torch.Tensor, out_dir: Path, start: float,
              scan: dict[int, tuple[str, dict[str, str] | None]]) -> dict[str, Any]:
-    """Commit the store: the manifest of :class:`~momlp_lite.store.ExpertStore`, written by the store's writer."""
+    """Commit the store: the manifest of :class:`~momlp_lite.store.ExpertStore`, written by the store's writer.
+    Taught in: book/distributed_training.
+    """
     bad = {i: st for i, (st, _) in scan.items() if st != "done"}
     if bad:
         shown = ", ".join(f"{i} ({st})" for i, st in list(bad.items())[:10])
@@ -300,7 +316,9 @@ def finalize(cfg: RunConfig, tree: RoutingTree, n_in: int, y: torch.Tensor, out_
 
 def compare_stores(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
     """Differences between two committed stores (empty: identical): every expert tensor and the tree's keys,
-    bit for bit (``torch.equal``), and the fingerprints."""
+    bit for bit (``torch.equal``), and the fingerprints.
+    Taught in: book/distributed_training.
+    """
     from ..store.experts import ExpertStore
 
     sa, sb = ExpertStore(a), ExpertStore(b)
@@ -320,7 +338,9 @@ def compare_stores(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list
 
 def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None = None, progress: bool = True,
         prepare_only: bool = False, timeout_min: float = 24 * 60) -> dict[str, Any]:
-    """Train (this process's share of) the MoMLP of ``cfg``; the summary is complete on rank 0."""
+    """Train (this process's share of) the MoMLP of ``cfg``; the summary is complete on rank 0.
+    Taught in: book/distributed_training.
+    """
     if prepare_only and (shard is not None or env_int("WORLD_SIZE", 1) > 1):
         raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
     x, y = load_training_data(cfg)  # a bad data file stops the run here, before anything is written

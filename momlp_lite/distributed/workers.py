@@ -28,7 +28,9 @@ SAFE_UNPICKLE = {"weights_only": True} if "weights_only" in inspect.signature(di
 class Workers:
     """This process's place in the run: ``rank`` of ``world_size``, ``local_rank`` (picks the GPU), ``mode``
     (``"single"``, ``"torchrun"`` with a process group, or ``"shard"``: ``--shard i/n``, no group), the group's
-    ``backend`` (``"nccl"``/``"gloo"``, torchrun only) and the ``device`` it trains on."""
+    ``backend`` (``"nccl"``/``"gloo"``, torchrun only) and the ``device`` it trains on.
+    Taught in: book/distributed_training.
+    """
 
     rank: int
     world_size: int
@@ -50,8 +52,9 @@ class Workers:
 def shard_ids(ids: Sequence[int], rank: int, world_size: int) -> list[int]:
     """The share of ``ids`` that shard ``rank`` of ``world_size`` trains: ``ids[rank::world_size]``.
 
-    Round-robin keeps the shards within one expert of each other in size, and neighbouring
+    Round-robin keeps the shards within one expert of each other in size, and neighboring
     leaves (often of similar size) land on different shards.
+    Taught in: book/distributed_training.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -59,7 +62,7 @@ def shard_ids(ids: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """Parse ``"i/n"`` (shard ``i`` of ``n``, 0-based) as used by ``--shard``."""
+    """Parse ``"i/n"`` (shard ``i`` of ``n``, 0-based) as used by ``--shard``. Taught in: book/distributed_training."""
     try:
         i_text, n_text = text.split("/")
         i, n = int(i_text), int(n_text)
@@ -71,6 +74,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def env_int(name: str, default: int) -> int:
+    """An integer environment variable (``RANK``, ``WORLD_SIZE``...). Taught in: book/distributed_training."""
     value = os.environ.get(name)
     return default if value is None or value == "" else int(value)
 
@@ -84,6 +88,7 @@ def start_workers(shard: tuple[int, int] | None = None, device: str | None = Non
     GPUs run on one machine (they then share GPUs round-robin). ``shard=(i, n)`` runs shard
     ``i`` of ``n`` with no group. The group's ``timeout_min`` bounds how long the final barrier waits
     for the slowest rank, so it must exceed the longest shard's training time.
+    Taught in: book/distributed_training.
     """
     world = env_int("WORLD_SIZE", 1)
     if shard is not None:
@@ -113,12 +118,13 @@ def start_workers(shard: tuple[int, int] | None = None, device: str | None = Non
 
 
 def stop_workers(workers: Workers) -> None:
-    """Tear down the process group (if this process started one)."""
+    """Tear down the process group (if this process started one). Taught in: book/distributed_training."""
     if workers.grouped and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(workers: Workers) -> None:
+    """Wait for every rank (no-op for a lone process). Taught in: book/distributed_training."""
     if workers.grouped:
         if workers.backend == "nccl":
             dist.barrier(device_ids=[workers.device.index or 0])
@@ -133,6 +139,7 @@ def torchrun_command(config: str | os.PathLike[str], nproc_per_node: int = 2, *,
 
     Without ``rdzv_endpoint`` it is a single-machine ``--standalone`` run; with it, every machine
     runs the same command and they meet at ``host:port`` (c10d rendezvous).
+    Taught in: book/distributed_training.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv_endpoint is None:

@@ -33,7 +33,7 @@ class StackedMLP(nn.Module):
     ``prelu``: a learnable PReLU slope per expert and hidden layer (init 0.25), else ReLU; ``batchnorm``:
     BatchNorm1d before each activation, per expert, with its own running statistics (``bn_eps``,
     ``bn_momentum`` as in ``nn.BatchNorm1d``). ``expert_ids``: distinct global ids (default ``0..L-1``).
-    Initialisation is ``nn.Linear``'s (uniform in ``±1/sqrt(fan_in)``), from ``generator``, or with
+    Initialization is ``nn.Linear``'s (uniform in ``±1/sqrt(fan_in)``), from ``generator``, or with
     ``seed`` from ``(seed, expert id)`` alone, so a stack of any subset starts as the full stack would.
     Taught in: book/momlp_grid_regression.
 
@@ -61,11 +61,11 @@ class StackedMLP(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or len(torch.unique(ids)) != L):
             raise ValueError(f"expert_ids must be distinct integers >= 0, got {ids.tolist()}")
         if seed is not None and generator is not None:
-            raise ValueError("give either seed (per-expert initialisation) or generator, not both")
+            raise ValueError("give either seed (per-expert initialization) or generator, not both")
 
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         shapes = list(zip(dims[:-1], dims[1:]))
-        # nn.Linear's initialisation: uniform in +-1/sqrt(fan_in) for weights and biases
+        # nn.Linear's initialization: uniform in +-1/sqrt(fan_in) for weights and biases
         init_device = generator.device if generator is not None else (torch.device("cpu") if seed is not None else device)
         ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
         bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
@@ -74,7 +74,7 @@ class StackedMLP(nn.Module):
                 for (fan_in, _), w, b in zip(shapes, ws, bs):
                     w.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
                     b.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
-            else:  # initialisation only (not a hot path): expert e's numbers depend on (seed, e) alone
+            else:  # initialization only (not a hot path): expert e's numbers depend on (seed, e) alone
                 for j, e in enumerate(ids.tolist()):
                     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
                     for (fan_in, _), w, b in zip(shapes, ws, bs):
@@ -180,7 +180,7 @@ class StackedMLP(nn.Module):
         """Lockstep forward: ``x [L, B, n_in] -> [L, B, n_out]``, row ``l`` through expert ``l``.
 
         A ``[B, n_in]`` input is sent through every expert (``-> [L, B, n_out]``). In training mode
-        with BatchNorm each expert normalises over its own ``B`` samples. Taught in: book/momlp_grid_regression.
+        with BatchNorm each expert normalizes over its own ``B`` samples. Taught in: book/momlp_grid_regression.
         """
         L = self.num_experts
         self._check_dtype(x)
@@ -268,7 +268,7 @@ class StackedMLP(nn.Module):
 
     def fold_affine_(self, in_shift: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
                      out_shift: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> "StackedMLP":
-        """Fold per-expert standardisation into the first and last layers (no extra parameters).
+        """Fold per-expert standardization into the first and last layers (no extra parameters).
 
         Expert ``l`` then computes ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]``
         on raw ``x``; shapes ``[L, n_in]`` / ``[L, n_out]`` or broadcastable. Taught in: book/momlp_grid_regression.

@@ -2,7 +2,7 @@
 
 The book's reading of Kratsios et al.'s "Algorithm 1: Routing Tree" (its text is not available): every
 internal node holds one *prototype key* per child and an input descends to the nearest child key, level
-by level. :meth:`RoutingTree.regular` puts the keys at the centres of nested sub-boxes of [a, b]^n,
+by level. :meth:`RoutingTree.regular` puts the keys at the centers of nested sub-boxes of [a, b]^n,
 :meth:`RoutingTree.from_data` makes them by recursive k-means, :meth:`RoutingTree.single` is the one-leaf
 tree (no keys) of the dense baseline. Child ``c`` of node ``i`` is node ``i * B + c`` one level down, so
 routing costs ``O(depth * B * n)`` per point against ``O(B**depth * n)`` for a flat search. Distances are
@@ -104,7 +104,7 @@ class RoutingTree:
                 b: float = 1.0) -> "RoutingTree":
         """Regular tree over [a, b]^n: every level splits each box into ``branching`` pieces per axis.
 
-        ``branching`` is one integer for every axis or one per axis; the keys are the centres of the
+        ``branching`` is one integer for every axis or one per axis; the keys are the centers of the
         sub-boxes, so a point is routed to the leaf box that contains it (points exactly on a
         shared face go to one of the two boxes). Taught in: book/routing_trees.
         """
@@ -379,7 +379,7 @@ def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor, exact: tor
 
 
 def _centroids(x: torch.Tensor, cluster: torch.Tensor, k: int, old: torch.Tensor) -> torch.Tensor:
-    """Mean of the points of each of ``k`` clusters; an empty cluster keeps its old centre."""
+    """Mean of the points of each of ``k`` clusters; an empty cluster keeps its old center."""
     sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, cluster, x)
     counts = torch.bincount(cluster, minlength=k).to(x.dtype)[:, None]
     return torch.where(counts > 0, sums / counts.clamp(min=1), old)

@@ -14,7 +14,7 @@ next, the same numbering as :class:`momlp_lite.moe.routing.RoutingTree`. Leaves 
 one :class:`momlp_lite.moe.experts.StackedMLP`; every hot path loops over the ``depth`` levels
 only, never over nodes or leaves.
 
-The entropy penalty and its weight are the book's reading of the paper's hardening loss (labelled
+The entropy penalty and its weight are the book's reading of the paper's hardening loss (labeled
 so in the chapter). Taught in: book/routing_families.
 """
 
@@ -60,7 +60,7 @@ class SoftTreeMoE(nn.Module):
     width, hidden_layers : int
         Every leaf expert is ``n_in -> width (x hidden_layers) -> n_out`` with learnable PReLU.
     generator : torch.Generator, optional
-        Seeds the initialisation of the nodes and the experts.
+        Seeds the initialization of the nodes and the experts.
 
     Examples
     --------
@@ -82,7 +82,7 @@ class SoftTreeMoE(nn.Module):
         if self.depth > _MAX_DEPTH:
             raise ValueError(f"depth must be <= {_MAX_DEPTH} (2**depth leaves), got {depth}; lower it")
         nodes = 2**self.depth - 1
-        bound = self.n_in**-0.5  # nn.Linear's initialisation, one hyperplane per node
+        bound = self.n_in**-0.5  # nn.Linear's initialization, one hyperplane per node
         w = torch.empty(nodes, self.n_in).uniform_(-bound, bound, generator=generator)
         b = torch.empty(nodes).uniform_(-bound, bound, generator=generator)
         self.node_weight = nn.Parameter(w)

@@ -32,7 +32,9 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def tensor_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
-    """SHA-256 (hex) over every tensor's name, dtype, shape and bytes (sorted by name) and the metadata."""
+    """SHA-256 (hex) over every tensor's name, dtype, shape and bytes (sorted by name) and the metadata.
+    Taught in: book/serving_one_expert.
+    """
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name]
@@ -76,7 +78,9 @@ def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str] | None = None) -> str:
-    """Save named tensors + string metadata atomically as a checked safetensors file; returns the SHA-256."""
+    """Save named tensors + string metadata atomically as a checked safetensors file; returns the SHA-256.
+    Taught in: book/serving_one_expert.
+    """
     meta = dict(metadata or {})
     _check_payload(tensors, meta)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -86,7 +90,9 @@ def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
 
 
 def read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """Load and verify a checked file: ``(tensors on CPU, metadata without checksum, checksum)``."""
+    """Load and verify a checked file: ``(tensors on CPU, metadata without checksum, checksum)``.
+    Taught in: book/serving_one_expert.
+    """
     p = Path(path)
     if not p.is_file():
         raise StoreError(f"store file {str(p)!r} does not exist; save it first or check the path")
@@ -110,13 +116,15 @@ def read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
 
 def load_expert_file(path: str | os.PathLike[str], device: str | torch.device = "cpu"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors on device, metadata)`` of a checked file; :class:`StoreError` if it fails its check."""
+    """``(tensors on device, metadata)`` of a checked file; :class:`StoreError` if it fails its check.
+    Taught in: book/serving_one_expert.
+    """
     tensors, meta, _ = read_checked(path)
     return {k: v.to(device) for k, v in tensors.items()}, meta
 
 
 def expert_file_ok(path: str | os.PathLike[str]) -> bool:
-    """``True`` when :func:`load_expert_file` would succeed."""
+    """``True`` when :func:`load_expert_file` would succeed. Taught in: book/serving_one_expert."""
     try:
         read_checked(path)
     except StoreError:

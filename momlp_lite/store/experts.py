@@ -46,7 +46,9 @@ STORE_FORMAT, STORE_VERSION = "momlp-store", 2
 # ---------------------------------------------------------------------------- expert files
 def write_expert(directory: str | os.PathLike[str], expert_id: int, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Write one expert's file into a store (content-addressed: never overwrites other content)."""
+    """Write one expert's file into a store (content-addressed: never overwrites other content).
+    Taught in: book/serving_one_expert.
+    """
     meta = {**(metadata or {}), "expert_id": str(int(expert_id))}
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     digest = tensor_checksum(cpu, meta)
@@ -58,14 +60,18 @@ def write_expert(directory: str | os.PathLike[str], expert_id: int, tensors: Map
 
 
 def expert_files(directory: str | os.PathLike[str], expert_id: int) -> list[Path]:
-    """Every file of expert ``expert_id`` in a store folder (committed or not), sorted by name."""
+    """Every file of expert ``expert_id`` in a store folder (committed or not), sorted by name.
+    Taught in: book/serving_one_expert.
+    """
     return sorted((Path(directory) / EXPERT_DIR).glob(f"expert_{int(expert_id):05d}.*.safetensors"))
 
 
 # ---------------------------------------------------------------------------- routing trees
 def save_tree(directory: str | os.PathLike[str], tree: RoutingTree, metadata: Mapping[str, str] | None = None
               ) -> dict[str, Any]:
-    """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON); returns its manifest entry."""
+    """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON); returns its manifest entry.
+    Taught in: book/serving_one_expert.
+    """
     state = tree.state_dict()
     keys = {f"keys.{i}": k for i, k in enumerate(state.pop("keys"))}
     tensors = keys or {"one_leaf": torch.zeros(1)}  # a one-leaf tree has no keys: a marker tensor keeps the file valid
@@ -78,7 +84,9 @@ def save_tree(directory: str | os.PathLike[str], tree: RoutingTree, metadata: Ma
 
 
 def load_tree(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[RoutingTree, dict[str, str]]:
-    """``(tree, metadata)`` of a file written by :func:`save_tree` (``sha256``: the one it must be)."""
+    """``(tree, metadata)`` of a file written by :func:`save_tree` (``sha256``: the one it must be).
+    Taught in: book/serving_one_expert.
+    """
     tensors, meta, digest = _load_checked(path)
     if sha256 is not None and digest != sha256:
         raise StoreError(f"routing tree file {str(path)!r} is not the one the manifest names "
@@ -111,6 +119,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
     The clean-up removes temp files that are provably abandoned (see
     :func:`~momlp_lite.store.files.temporary_abandoned`; ``holder_start`` is when the writer began)
     and, only when no other writer is registered, the expert and tree files no manifest names.
+    Taught in: book/serving_one_expert.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +127,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
     try:
         json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"manifest must be JSON-serialisable (finite numbers, str keys): {exc}") from None
+        raise ValueError(f"manifest must be JSON-serializable (finite numbers, str keys): {exc}") from None
     with store_lock(folder):
         if tree is not None:
             doc["routing_tree"] = save_tree(folder, tree, tree_meta)
@@ -141,7 +150,9 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree | None]:
-    """``(manifest, routing tree or None)``; :class:`StoreError` naming the entry for anything inconsistent."""
+    """``(manifest, routing tree or None)``; :class:`StoreError` naming the entry for anything inconsistent.
+    Taught in: book/serving_one_expert.
+    """
     folder = Path(directory)
     mpath = folder / MANIFEST_NAME
     if not mpath.is_file():
@@ -294,7 +305,7 @@ class ExpertStore:
         return tensors
 
     def _stack(self, ids: list[int], device: torch.device | str) -> StackedMLP:
-        """Build a stack straight from file tensors: no random initialisation, no copy for one expert."""
+        """Build a stack straight from file tensors: no random initialization, no copy for one expert."""
         with store_lock(self.directory):
             self._reload()
             states = [self._read_state(i) for i in ids]

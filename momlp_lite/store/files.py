@@ -44,13 +44,17 @@ class StoreError(ValueError):
 
 
 def is_temporary_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a temporary file of an atomic write (in flight, or left by a crash)."""
+    """Whether ``path`` is a temporary file of an atomic write (in flight, or left by a crash).
+    Taught in: book/serving_one_expert.
+    """
     name = Path(path).name
     return name.startswith(".") and TMP_MARK in name
 
 
 def fsync_dir(directory: Path) -> None:
-    """Flush a folder's entries to disk (best effort; a no-op where folders cannot be opened)."""
+    """Flush a folder's entries to disk (best effort; a no-op where folders cannot be opened).
+    Taught in: book/serving_one_expert.
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows cannot open folders
@@ -68,6 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
     The temp file's name carries this process's pid and host, so a cleaner can tell an abandoned
     temp file from one still being written. On any error the temp file is removed.
+    Taught in: book/serving_one_expert.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine."""
+    """Whether process ``pid`` exists on this machine. Taught in: book/serving_one_expert."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,6 +109,7 @@ def temporary_abandoned(path: Path, holder_start: float) -> bool:
 
     Owned by a dead pid of this host; or by another host and older than a day; or, for a name
     without an owner, last written before ``holder_start`` (the lock holder's start, a Unix time).
+    Taught in: book/serving_one_expert.
     """
     match = _OWNER.search(path.name)
     try:
@@ -119,7 +125,9 @@ def temporary_abandoned(path: Path, holder_start: float) -> bool:
 
 
 def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> list[str]:
-    """Remove the abandoned temp files in ``folders`` (call with :func:`store_lock` held); their names."""
+    """Remove the abandoned temp files in ``folders`` (call with :func:`store_lock` held); their names.
+    Taught in: book/serving_one_expert.
+    """
     removed = []
     for folder in folders:
         if folder.is_dir():
@@ -134,6 +142,7 @@ def store_lock(directory: str | os.PathLike[str], timeout: float = 120.0) -> Any
     """The store's lock (re-entrant in one thread); a no-op for a folder this process cannot write.
 
     Raises :class:`StoreError` when another process holds it for more than ``timeout`` seconds.
+    Taught in: book/serving_one_expert.
     """
     folder = Path(directory)
     if not os.access(folder, os.W_OK):  # a read-only copy: nobody can change it through us
@@ -160,7 +169,7 @@ def _timed(lock: FileLock, key: str, timeout: float) -> Iterator[None]:
 
 @contextmanager
 def writing(directory: str | os.PathLike[str]) -> Iterator[float]:
-    """Register this process as a writer of ``directory`` while the block runs; yields its start time."""
+    """Register as a writer of ``directory`` while the block runs. Taught in: book/serving_one_expert."""
     start = time.time()
     reg = Path(directory) / WRITERS_DIR
     reg.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,9 @@ def writing(directory: str | os.PathLike[str]) -> Iterator[float]:
 
 
 def other_live_writers(directory: str | os.PathLike[str]) -> list[str]:
-    """Writers of ``directory`` other than this process that may still run (dead entries are dropped)."""
+    """Writers of ``directory`` other than this process that may still run (dead entries are dropped).
+    Taught in: book/serving_one_expert.
+    """
     reg = Path(directory) / WRITERS_DIR
     live = []
     for entry in sorted(reg.iterdir()) if reg.is_dir() else []:

@@ -26,6 +26,7 @@ class TensorMemoryMeter(TorchDispatchMode):
     outside the meter are not counted unless passed to :meth:`track`. This is a count of tensor
     memory, not of the process: the Python interpreter, torch's own libraries and allocator slack
     are left out, which is what makes it comparable between runs on a CPU.
+    Taught in: book/serving_one_expert.
     """
 
     def __init__(self) -> None:
@@ -70,7 +71,9 @@ class TensorMemoryMeter(TorchDispatchMode):
 
 @dataclass
 class MemoryReport:
-    """Peak memory of a block of work: ``peak_bytes`` and what was measured (``how``)."""
+    """Peak memory of a block of work: ``peak_bytes`` and what was measured (``how``).
+    Taught in: book/serving_one_expert.
+    """
 
     peak_bytes: int | None = 0
     how: str = ""
@@ -78,7 +81,7 @@ class MemoryReport:
 
 @contextmanager
 def measure_peak_memory(device: torch.device | str) -> Iterator[MemoryReport]:
-    """Measure the peak memory of the block on ``device``.
+    """Measure the peak memory of the block on ``device``. Taught in: book/serving_one_expert.
 
     CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated when the block began (the
     allocator's own count of device memory). Elsewhere: the peak bytes of live torch tensors
@@ -108,6 +111,7 @@ def measure_peak_memory(device: torch.device | str) -> Iterator[MemoryReport]:
 
 @contextmanager
 def maybe_measure(device: torch.device, measure: bool) -> Iterator[MemoryReport]:
+    """:func:`measure_peak_memory` when ``measure``, else an empty report. Taught in: book/serving_one_expert."""
     if measure:
         with measure_peak_memory(device) as report:
             yield report

@@ -22,7 +22,7 @@ __all__ = [
     "use_book_renderer",
     "slider_figure",
     "partition_figure",
-    "leaf_colour_values",
+    "leaf_color_values",
     "loglog_figure",
 ]
 
@@ -53,6 +53,7 @@ def use_book_renderer(force: bool = False) -> bool:
 
     Returns whether the book renderer is now the default. Outside a book build plotly keeps its own
     choice (Jupyter, JupyterLab, Colab and VS Code each get their usual renderer).
+    Taught in: book/routing_trees.
     """
     if force or os.environ.get(BOOK_BUILD_ENV) == "1":
         pio.renderers.default = BOOK_RENDERER
@@ -70,6 +71,7 @@ def slider_figure(
 
     ``steps`` is a list of ``(label, traces)``; moving the slider to a label makes exactly that
     group's traces visible. Works in static HTML (it only restyles ``visible``).
+    Taught in: book/momlp_grid_regression.
     """
     if not steps:
         raise ValueError("slider_figure needs at least one step, got none")
@@ -97,8 +99,10 @@ def slider_figure(
     return fig
 
 
-def leaf_colour_values(leaf_ids: np.ndarray) -> np.ndarray:
-    """Map leaf ids to values in [0, 1) so that neighbouring leaves get clearly different colours."""
+def leaf_color_values(leaf_ids: np.ndarray) -> np.ndarray:
+    """Map leaf ids to values in [0, 1) so that neighboring leaves get clearly different colors.
+    Taught in: book/routing_trees.
+    """
     golden = 0.6180339887498949
     return np.mod(np.asarray(leaf_ids, dtype=np.float64) * golden, 1.0)
 
@@ -110,7 +114,7 @@ def _partition_traces(tree: RoutingTree, resolution: int, show_keys: bool) -> li
         go.Heatmap(
             x=xs.numpy(),
             y=ys.numpy(),
-            z=leaf_colour_values(ids_np),
+            z=leaf_color_values(ids_np),
             customdata=ids_np,
             colorscale="Turbo",
             showscale=False,
@@ -140,7 +144,9 @@ def partition_figure(
     max_keys_shown: int = 1024,
     title: str = "Leaves of the routing tree",
 ) -> go.Figure:
-    """Partition of a 2-D box by each tree, with a slider to move between them (e.g. over depth)."""
+    """Partition of a 2-D box by each tree, with a slider to move between them (e.g. over depth).
+    Taught in: book/routing_trees.
+    """
     if not trees:
         raise ValueError("partition_figure needs at least one tree, got none")
     labels = list(labels) if labels is not None else [str(t.depth) for t in trees]
@@ -170,7 +176,7 @@ def loglog_figure(
     y_title: str,
     title: str = "",
 ) -> go.Figure:
-    """Lines + markers on log-log axes, one per ``name -> (x, y)``."""
+    """Lines + markers on log-log axes, one per ``name -> (x, y)``. Taught in: book/momlp_grid_regression."""
     fig = go.Figure()
     for name, (x, y) in series.items():
         fig.add_trace(go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name))

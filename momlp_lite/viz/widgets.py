@@ -22,6 +22,7 @@ def live_controls(
     once right away — in a live session only: during a book build (``$MOMLP_BOOK_BUILD=1``) the
     static page cannot run the controls anyway, and drawing into widget outputs there only slows
     the headless execution down. Returns the ``ipywidgets.Output`` area.
+    Taught in: book/routing_trees.
     """
     import ipywidgets as widgets
     from IPython.display import display
