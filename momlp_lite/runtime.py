@@ -255,7 +255,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Best wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronised).
+    """Best wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronized).
     Taught in: book/intro (used by every chapter).
     """
     if repeats < 1:
