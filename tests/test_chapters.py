@@ -130,3 +130,14 @@ def test_notebook_and_its_percent_script_round_trip(path):
     assert [(c.cell_type, c.source, dict(c.metadata)) for c in again.cells] == [
         (c.cell_type, c.source, dict(c.metadata)) for c in nb.cells
     ]
+
+
+def test_bibliography_parses_and_every_cited_key_exists():
+    """A broken .bib (e.g. an entry left open by a merge) stops the whole book build: catch it in a second."""
+    import pybtex.database
+
+    keys = set(pybtex.database.parse_file(str(BOOK / "references.bib")).entries)
+    pages = [nbformat.read(p, as_version=4) for p in NOTEBOOKS]
+    text = "\n".join(_markdown(nb) for nb in pages) + "\n".join(p.read_text() for p in BOOK.glob("*.md"))
+    cited = {k.strip() for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text) for k in group.split(",")}
+    assert cited and not cited - keys, f"cited but not in references.bib: {sorted(cited - keys)}"
