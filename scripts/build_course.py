@@ -62,8 +62,8 @@ class Exercise:
     check_cells: list[int] = field(default_factory=list)
 
 
-def toc_chapters() -> list[Path]:
-    """Every notebook of ``_toc.yml``, in book order."""
+def toc_files() -> list[str]:
+    """Every document of ``_toc.yml`` (without suffix), root first."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]]
 
@@ -76,6 +76,12 @@ def toc_chapters() -> list[Path]:
     for part in toc.get("parts", []):
         walk(part["chapters"])
     walk(toc.get("chapters", []))
+    return files
+
+
+def toc_chapters() -> list[Path]:
+    """Every notebook of ``_toc.yml``, in book order."""
+    files = toc_files()
     return [ROOT / f"{f}.ipynb" for f in files if (ROOT / f"{f}.ipynb").exists()]
 
 

@@ -82,20 +82,11 @@ pytestmark = pytest.mark.browser
 
 
 def toc_files() -> list[str]:
-    """Every document of ``_toc.yml`` (without suffix), root first."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
+    """Every document of ``_toc.yml`` (without suffix), root first: the course kit's one toc walk."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from build_course import toc_files as walk_toc
 
-    def walk(entries):
-        for e in entries:
-            if "file" in e:
-                files.append(e["file"])
-            walk(e.get("sections", []))
-
-    for part in toc.get("parts", []):
-        walk(part["chapters"])
-    walk(toc.get("chapters", []))
-    return files
+    return walk_toc()
 
 
 @pytest.fixture(scope="session")
