@@ -232,10 +232,11 @@ def build(chapters: list[Path], out: Path) -> dict[str, int]:
     return checks
 
 
-def grade(out: Path, chapters: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Autograde the instructor and the blank student version of each chapter; scores per check cell.
+def grade(out: Path, chapters: list[str], students: tuple[str, ...] = tuple(STUDENTS)
+          ) -> dict[str, dict[str, dict[str, float]]]:
+    """Autograde the given versions (default: instructor and blank student) of each chapter; scores per check cell.
 
-    Returns ``{chapter: {"instructor": {grade_id: score}, "blank": {grade_id: score}}}`` (max score 1 each).
+    Returns ``{chapter: {student: {grade_id: score}}}`` (max score 1 each), student being "instructor" or "blank".
     """
     from nbgrader.api import Gradebook
     from nbgrader.apps import NbGraderAPI
@@ -243,15 +244,18 @@ def grade(out: Path, chapters: list[str]) -> dict[str, dict[str, dict[str, float
 
     api = NbGraderAPI(config=nbgrader_config(out, get_profile().cell_timeout_s))
     scores: dict[str, dict[str, dict[str, float]]] = {}
+    unknown = sorted(set(students) - set(STUDENTS))
+    if unknown:
+        raise ValueError(f"students must be among {sorted(STUDENTS)}, got {unknown}")
     with Gradebook(f"sqlite:///{out / 'gradebook.db'}") as gb:
-        for student in STUDENTS:
+        for student in students:
             if not any(s.id == student for s in gb.students):
                 gb.add_student(student)
     for name in chapters:
-        for student, folder in STUDENTS.items():
+        for student in students:
             sub = out / "submitted" / student / name
             sub.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / folder / name / f"{name}.ipynb", sub / f"{name}.ipynb")
+            shutil.copyfile(out / STUDENTS[student] / name / f"{name}.ipynb", sub / f"{name}.ipynb")
     if chapters:
         res = api.autograde("*", "*", force=True, create=True)  # every submission in one nbgrader run
         if not res["success"]:
@@ -259,7 +263,7 @@ def grade(out: Path, chapters: list[str]) -> dict[str, dict[str, dict[str, float
     with Gradebook(f"sqlite:///{out / 'gradebook.db'}") as gb:
         for name in chapters:
             scores[name] = {}
-            for student in STUDENTS:
+            for student in students:
                 sub_nb = gb.find_submission_notebook(name, name, student)
                 scores[name][student] = {g.name: float(g.score) for g in sub_nb.grades if g.cell.cell_type == "code"}
     return scores
