@@ -218,14 +218,9 @@ def run_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
     Taught in: book/intro (used by every chapter)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)"
-    return {
-        "device": name,
-        "device_type": dev.type,
-        "torch": torch.__version__,
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
-        "cpu_threads": torch.get_num_threads(),
-    }
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return {"device": name, "device_type": dev.type, "torch": torch.__version__, "date_utc": date,
+            "commit": _git_commit(), "cpu_threads": torch.get_num_threads()}
 
 
 def _results_path(name: str, directory: Path | None) -> Path:
