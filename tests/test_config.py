@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from momlp_lite.runtime import PROFILES, choose, get_device, get_profile, seed_everything
+from momlp_lite.runtime import PROFILES, best_time, choose, get_device, get_profile, seed_everything
 
 
 def test_profile_comes_from_the_environment(monkeypatch):
@@ -41,3 +41,11 @@ def test_device_choice(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             get_device("cuda")
+
+
+def test_best_time_needs_a_positive_repeat_count():
+    calls = []
+    assert best_time(lambda: calls.append(1), repeats=2, warmup=1) >= 0.0
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got 0"):
+        best_time(lambda: None, repeats=0)

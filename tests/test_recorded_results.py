@@ -41,9 +41,12 @@ def test_environment_variable_still_redirects_results(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad", ["", "results/routing_cost", "routing_cost.json", "a\\b"])
-def test_load_results_wants_a_bare_name(bad):
+def test_load_and_write_want_a_bare_name(bad, tmp_path):
     with pytest.raises(ValueError, match="bare result name"):
         load_results(bad)
+    with pytest.raises(ValueError, match="bare result name"):
+        write_results(bad, {"x": 1}, directory=tmp_path)
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_paper_hint_only_on_a_gpu_outside_the_paper_profile(tmp_path, monkeypatch):

@@ -1,8 +1,6 @@
-"""Plotly figures that keep working in the static book (sliders included).
+"""Plotly figures that keep working in the static book: sliders are plotly ``restyle`` steps, run without a kernel.
 
-Everything interactive here is done with plotly's own sliders/buttons (``restyle`` steps), which
-run in the browser without a kernel. The book build registers a renderer that emits one
-``<div>`` per figure and no plotly.js: the page loads plotly.js once from the book's ``_static``.
+A book build's renderer emits one ``<div>`` per figure; the page loads plotly.js once from the book's ``_static``.
 """
 
 from __future__ import annotations
@@ -17,62 +15,36 @@ from plotly.io._base_renderers import MimetypeRenderer
 
 from ..moe.routing import RoutingTree
 
-__all__ = [
-    "BOOK_BUILD_ENV",
-    "use_book_renderer",
-    "slider_figure",
-    "partition_figure",
-    "leaf_color_values",
-    "loglog_figure",
-]
+__all__ = ["BOOK_BUILD_ENV", "use_book_renderer", "slider_figure", "partition_figure", "loglog_figure"]
 
 BOOK_BUILD_ENV = "MOMLP_BOOK_BUILD"
-BOOK_RENDERER = "momlp_book"
-PLOT_CONFIG = {"responsive": True, "displaylogo": False}
+_GOLDEN = 0.6180339887498949  # leaf id * golden ratio mod 1: neighboring leaves get clearly different colors
 
 
 class _BookRenderer(MimetypeRenderer):
-    """Emit a bare ``<div>`` + script; plotly.js itself is loaded once per page by the book theme."""
-
     def to_mimebundle(self, fig_dict: dict) -> dict:  # noqa: D102 - plotly API
-        html = pio.to_html(
-            fig_dict,
-            include_plotlyjs=False,
-            include_mathjax=False,
-            full_html=False,
-            config=PLOT_CONFIG,
-        )
+        config = {"responsive": True, "displaylogo": False}
+        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False, config=config)
         return {"text/html": html}
 
 
-pio.renderers[BOOK_RENDERER] = _BookRenderer()
+pio.renderers["momlp_book"] = _BookRenderer()
 
 
 def use_book_renderer(force: bool = False) -> bool:
-    """Switch plotly to the book renderer when building the book (``$MOMLP_BOOK_BUILD=1``) or ``force``.
+    """Switch plotly to the book renderer in a book build (``$MOMLP_BOOK_BUILD=1``) or when ``force``d.
 
-    Returns whether the book renderer is now the default. Outside a book build plotly keeps its own
-    choice (Jupyter, JupyterLab, Colab and VS Code each get their usual renderer).
-    Taught in: book/routing_trees.
-    """
+    Returns whether it is now the default; elsewhere plotly keeps its own choice. Taught in: book/routing_trees."""
     if force or os.environ.get(BOOK_BUILD_ENV) == "1":
-        pio.renderers.default = BOOK_RENDERER
+        pio.renderers.default = "momlp_book"
         return True
     return False
 
 
-def slider_figure(
-    steps: Sequence[tuple[str, Sequence[go.BaseTraceType]]],
-    slider_label: str,
-    active: int = 0,
-    **layout: Any,
-) -> go.Figure:
-    """One figure whose slider shows one group of traces at a time.
-
-    ``steps`` is a list of ``(label, traces)``; moving the slider to a label makes exactly that
-    group's traces visible. Works in static HTML (it only restyles ``visible``).
-    Taught in: book/momlp_grid_regression.
-    """
+def slider_figure(steps: Sequence[tuple[str, Sequence[go.BaseTraceType]]], slider_label: str, active: int = 0,
+                  **layout: Any) -> go.Figure:
+    """One figure whose slider shows one ``(label, traces)`` group of ``steps`` at a time (works in static HTML).
+    Taught in: book/momlp_grid_regression."""
     if not steps:
         raise ValueError("slider_figure needs at least one step, got none")
     if not 0 <= active < len(steps):
@@ -85,97 +57,50 @@ def slider_figure(
             fig.add_trace(tr)
             owner.append(i)
     slider_steps = [
-        dict(
-            label=str(label),
-            method="restyle",
-            args=[{"visible": [o == i for o in owner]}],
-        )
+        dict(label=str(label), method="restyle", args=[{"visible": [o == i for o in owner]}])
         for i, (label, _) in enumerate(steps)
     ]
-    fig.update_layout(
-        sliders=[dict(active=active, currentvalue=dict(prefix=f"{slider_label}: "), steps=slider_steps, pad=dict(t=40))],
-        **layout,
-    )
+    slider = dict(active=active, currentvalue=dict(prefix=f"{slider_label}: "), steps=slider_steps, pad=dict(t=40))
+    fig.update_layout(sliders=[slider], **layout)
     return fig
-
-
-def leaf_color_values(leaf_ids: np.ndarray) -> np.ndarray:
-    """Map leaf ids to values in [0, 1) so that neighboring leaves get clearly different colors.
-    Taught in: book/routing_trees.
-    """
-    golden = 0.6180339887498949
-    return np.mod(np.asarray(leaf_ids, dtype=np.float64) * golden, 1.0)
 
 
 def _partition_traces(tree: RoutingTree, resolution: int, show_keys: bool) -> list[go.BaseTraceType]:
     xs, ys, ids = tree.leaf_map(resolution)
     ids_np = ids.cpu().numpy()
-    traces: list[go.BaseTraceType] = [
-        go.Heatmap(
-            x=xs.numpy(),
-            y=ys.numpy(),
-            z=leaf_color_values(ids_np),
-            customdata=ids_np,
-            colorscale="Turbo",
-            showscale=False,
-            hovertemplate="x=%{x:.3f}<br>y=%{y:.3f}<br>leaf %{customdata}<extra></extra>",
-            opacity=0.85,
-        )
-    ]
+    traces: list[go.BaseTraceType] = [go.Heatmap(
+        x=xs.numpy(), y=ys.numpy(), z=np.mod(ids_np.astype(np.float64) * _GOLDEN, 1.0), customdata=ids_np,
+        colorscale="Turbo", showscale=False, opacity=0.85,
+        hovertemplate="x=%{x:.3f}<br>y=%{y:.3f}<br>leaf %{customdata}<extra></extra>",
+    )]
     if show_keys:
         keys = tree.leaf_keys.cpu().numpy()
-        traces.append(
-            go.Scatter(
-                x=keys[:, 0],
-                y=keys[:, 1],
-                mode="markers",
-                marker=dict(size=5, color="black", symbol="x"),
-                name="leaf keys",
-                hovertemplate="leaf key (%{x:.3f}, %{y:.3f})<extra></extra>",
-            )
-        )
+        traces.append(go.Scatter(
+            x=keys[:, 0], y=keys[:, 1], mode="markers", marker=dict(size=5, color="black", symbol="x"),
+            name="leaf keys", hovertemplate="leaf key (%{x:.3f}, %{y:.3f})<extra></extra>",
+        ))
     return traces
 
 
-def partition_figure(
-    trees: Sequence[RoutingTree],
-    labels: Sequence[str] | None = None,
-    resolution: int = 200,
-    max_keys_shown: int = 1024,
-    title: str = "Leaves of the routing tree",
-) -> go.Figure:
+def partition_figure(trees: Sequence[RoutingTree], labels: Sequence[str] | None = None, resolution: int = 200,
+                     max_keys_shown: int = 1024, title: str = "Leaves of the routing tree") -> go.Figure:
     """Partition of a 2-D box by each tree, with a slider to move between them (e.g. over depth).
-    Taught in: book/routing_trees.
-    """
+    Taught in: book/routing_trees."""
     if not trees:
         raise ValueError("partition_figure needs at least one tree, got none")
     labels = list(labels) if labels is not None else [str(t.depth) for t in trees]
     if len(labels) != len(trees):
         raise ValueError(f"got {len(labels)} labels for {len(trees)} trees; give one label per tree")
-    steps = [
-        (lab, _partition_traces(t, resolution, t.num_leaves <= max_keys_shown))
-        for lab, t in zip(labels, trees)
-    ]
-    fig = slider_figure(
-        steps,
-        slider_label="depth",
-        title=title,
-        xaxis=dict(title="x₁", constrain="domain"),
-        yaxis=dict(title="x₂", scaleanchor="x", scaleratio=1),
-        width=620,
-        height=680,
-        showlegend=False,
+    steps = [(lab, _partition_traces(t, resolution, t.num_leaves <= max_keys_shown)) for lab, t in zip(labels, trees)]
+    return slider_figure(
+        steps, slider_label="depth", title=title, xaxis=dict(title="x₁", constrain="domain"),
+        yaxis=dict(title="x₂", scaleanchor="x", scaleratio=1), width=620, height=680, showlegend=False,
         margin=dict(l=40, r=20, t=60, b=40),
     )
-    return fig
 
 
-def loglog_figure(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
-    x_title: str,
-    y_title: str,
-    title: str = "",
-) -> go.Figure:
+def loglog_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], x_title: str, y_title: str,
+                  title: str = "") -> go.Figure:
     """Lines + markers on log-log axes, one per ``name -> (x, y)``. Taught in: book/momlp_grid_regression."""
     fig = go.Figure()
     for name, (x, y) in series.items():

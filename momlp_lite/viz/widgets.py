@@ -5,25 +5,17 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Sequence
 
-from ..viz.figures import BOOK_BUILD_ENV
+from .figures import BOOK_BUILD_ENV
 
 __all__ = ["live_controls"]
 
 
-def live_controls(
-    rows: Sequence[Sequence[Any]],
-    update: Callable[[], None],
-    draw_now: bool = True,
-) -> Any:
-    """Show rows of ipywidgets above an output area and rerun ``update`` into it on every change.
+def live_controls(rows: Sequence[Sequence[Any]], update: Callable[[], None], draw_now: bool = True) -> Any:
+    """Show rows of ipywidgets above an output area and rerun ``update`` into it on every change; return the area.
 
-    A slider or dropdown reruns ``update`` when its value changes, a button when it is pressed;
-    ``update``'s prints and figures replace the area's content. With ``draw_now`` the area is filled
-    once right away — in a live session only: during a book build (``$MOMLP_BOOK_BUILD=1``) the
-    static page cannot run the controls anyway, and drawing into widget outputs there only slows
-    the headless execution down. Returns the ``ipywidgets.Output`` area.
-    Taught in: book/routing_trees.
-    """
+    A button reruns it when pressed, any other control when its value changes. ``draw_now`` fills the area once right
+    away, except in a book build (``$MOMLP_BOOK_BUILD=1``), where the static page cannot run the controls anyway.
+    Taught in: book/routing_trees."""
     import ipywidgets as widgets
     from IPython.display import display
 
