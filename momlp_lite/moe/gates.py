@@ -14,10 +14,8 @@ from torch import nn
 from ..runtime import check_positive_int
 from .experts import StackedMLP
 
-__all__ = [
-    "noisy_logits", "top_k_gate", "load_balancing_loss", "router_z_loss", "expert_capacity", "assign_slots",
-    "expert_choice", "TokenChoiceMoE", "ExpertChoiceMoE",
-]
+__all__ = ["noisy_logits", "top_k_gate", "load_balancing_loss", "router_z_loss", "expert_capacity", "assign_slots",
+           "expert_choice", "TokenChoiceMoE", "ExpertChoiceMoE"]
 
 
 def _check_k(k: int, num_experts: int) -> int:
@@ -77,10 +75,7 @@ def top_k_gate(logits: torch.Tensor, k: int, renormalize: bool | None = None
 
 
 def load_balancing_loss(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Switch's auxiliary loss ``N · Σᵢ fᵢ · Pᵢ`` (without α); 1 at a perfect balance. Taught in: book/learned_gates.
-
-    ``fᵢ``: share of tokens whose first choice is ``i``; ``Pᵢ``: mean probability of ``i`` (the gradient path).
-    """
+    """Switch's ``N Σᵢ fᵢ Pᵢ`` (first-choice share, mean probability). Taught in: book/learned_gates."""
     num_tokens, num_experts = probs.shape
     f = torch.bincount(index[:, 0], minlength=num_experts).to(probs.dtype) / num_tokens
     return num_experts * (f * probs.mean(dim=0)).sum()
@@ -118,8 +113,7 @@ def assign_slots(index: torch.Tensor, num_experts: int, capacity: int | None
 def expert_choice(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zhou et al.'s expert choice: each expert takes the ``c = min(capacity, T)`` tokens it scores highest.
 
-    Scores: softmax over experts. Returns ``(weights [N, c], tokens [N, c], probs [T, N])``.
-    Taught in: book/learned_gates.
+    Returns ``(weights [N, c], tokens [N, c], probs [T, N])``, softmax over experts. Taught in: book/learned_gates.
     """
     probs = _router_probs(logits)
     check_positive_int("capacity", capacity)
@@ -137,9 +131,8 @@ class _RoutedLayer(nn.Module):
         self.n_out = check_positive_int("n_out", n_out)
         self.num_experts = check_positive_int("num_experts", num_experts)
         std = (0.1 / n_in) ** 0.5  # Switch's router init: truncated normal, std sqrt(0.1 / fan_in)
-        self.router = nn.Parameter(torch.empty(n_in, num_experts))
-        with torch.no_grad():
-            self.router.normal_(0.0, std, generator=generator).clamp_(-2 * std, 2 * std)
+        router = torch.empty(n_in, num_experts).normal_(0.0, std, generator=generator)
+        self.router = nn.Parameter(router.clamp_(-2 * std, 2 * std))
         self.experts = StackedMLP(num_experts, n_in, width, hidden_layers, n_out, prelu=prelu, generator=generator)
         self.last_aux: dict[str, torch.Tensor | float] = {}
 
@@ -193,10 +186,8 @@ class TokenChoiceMoE(_RoutedLayer):
         out = self.experts(x.new_zeros(self.num_experts, cap, x.shape[1]).index_put((expert, slot), x[tok]))
         picked = out[expert, slot] * weights[tok, choice].unsqueeze(1).to(out.dtype)
         load = torch.bincount(index.reshape(-1), minlength=self.num_experts).float() / index.numel()
-        self.last_aux = {
-            "load_balancing": load_balancing_loss(probs, index), "z_loss": router_z_loss(logits),
-            "expert_load": load, "dropped": float(1.0 - keep.float().mean()), "logits": logits.detach(),
-        }
+        self.last_aux = {"load_balancing": load_balancing_loss(probs, index), "z_loss": router_z_loss(logits),
+                         "expert_load": load, "dropped": float(1.0 - keep.float().mean()), "logits": logits.detach()}
         return out.new_zeros(len(x), out.shape[2]).index_add(0, tok, picked)
 
 
@@ -227,10 +218,8 @@ class ExpertChoiceMoE(_RoutedLayer):
         out = self.experts(x[tokens])
         picked = (out * weights.unsqueeze(2).to(out.dtype)).reshape(-1, out.shape[2])
         per_token = torch.bincount(tokens.reshape(-1), minlength=len(x))
-        self.last_aux = {
-            "load_balancing": logits.new_zeros(()), "z_loss": router_z_loss(logits),
-            "expert_load": torch.full((self.num_experts,), 1.0 / self.num_experts),
-            "dropped": float((per_token == 0).float().mean()), "experts_per_token": per_token,
-            "logits": logits.detach(),
-        }
+        self.last_aux = {"load_balancing": logits.new_zeros(()), "z_loss": router_z_loss(logits),
+                         "expert_load": torch.full((self.num_experts,), 1.0 / self.num_experts),
+                         "dropped": float((per_token == 0).float().mean()), "experts_per_token": per_token,
+                         "logits": logits.detach()}
         return out.new_zeros(len(x), out.shape[2]).index_add(0, tokens.reshape(-1), picked)

@@ -1,7 +1,6 @@
 """A learned soft binary routing tree over stacked leaf experts (Belcak & Wattenhofer's fast feedforward networks).
 
-Taught in: book/routing_families. Nodes are in heap order, as in ``RoutingTree``; loops run over levels only. The
-entropy hardening penalty is the book's reading of the paper's hardening loss.
+Taught in: book/routing_families. Heap-ordered nodes as in ``RoutingTree``; the entropy hardening is the book's reading.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from ..runtime import check_positive_int
 from .experts import StackedMLP
 
 __all__ = ["SoftTreeMoE", "binary_entropy_from_logits"]
+
 
 def binary_entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of a coin showing 1 with probability ``σ(z)``, stably. Taught in: book/routing_families."""
@@ -37,15 +37,12 @@ class SoftTreeMoE(nn.Module):
         self.depth = check_positive_int("depth", depth)
         if self.depth > 16:
             raise ValueError(f"depth must be <= 16 (2**depth leaves), got {depth}; lower it")
-        nodes, bound = 2**self.depth - 1, self.n_in**-0.5  # nn.Linear's initialization, one hyperplane per node
+        self.num_leaves = 2**self.depth
+        nodes, bound = self.num_leaves - 1, self.n_in**-0.5  # nn.Linear's initialization, one hyperplane per node
         self.node_weight = nn.Parameter(torch.empty(nodes, self.n_in).uniform_(-bound, bound, generator=generator))
         self.node_bias = nn.Parameter(torch.empty(nodes).uniform_(-bound, bound, generator=generator))
-        self.experts = StackedMLP(nodes + 1, self.n_in, width, hidden_layers, self.n_out, generator=generator)
+        self.experts = StackedMLP(self.num_leaves, self.n_in, width, hidden_layers, self.n_out, generator=generator)
         self.last_aux: dict[str, torch.Tensor | float] = {}
-
-    @property
-    def num_leaves(self) -> int:
-        return 2**self.depth
 
     @property
     def params_total(self) -> int:

@@ -18,12 +18,11 @@ from .gates import ExpertChoiceMoE, TokenChoiceMoE
 
 __all__ = ["make_ffn", "ffn_parameters", "TinyViT"]
 
+
 def make_ffn(kind: str, dim: int, hidden: int, num_experts: int = 1, capacity_factor: float | None = None,
              generator: torch.Generator | None = None) -> nn.Module:
-    """An FFN block of ``kind`` (dense, top1, top2, expert_choice, soft) with experts ``d -> hidden -> d``.
-
-    ``dense`` is one ReLU MLP (a stack of one expert); ``expert_choice``'s factor defaults to 1; ``soft`` has one
-    slot per expert. Taught in: book/moe_transformer.
+    """An FFN of ``kind`` with experts ``d -> hidden -> d``: dense (one ReLU MLP), top1, top2, expert_choice (factor 1
+    by default) or soft (one slot per expert). Taught in: book/moe_transformer.
     """
     check_positive_int("hidden", hidden)
     if kind == "dense":
@@ -62,10 +61,7 @@ class _Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Patch embedding, one pre-norm block per FFN in ``ffns`` (see :func:`make_ffn`), mean-token classifier.
-
-    Square patches of ``patch`` pixels from ``image_size``-pixel images. Taught in: book/moe_transformer.
-    """
+    """Patch embedding, a pre-norm block per FFN in ``ffns``, mean-token classifier. Taught in: book/moe_transformer."""
 
     def __init__(self, ffns: Sequence[nn.Module], dim: int, heads: int = 2, patch: int = 7, image_size: int = 28,
                  channels: int = 1, classes: int = 10) -> None:
