@@ -230,8 +230,9 @@ def test_expert_choice_never_exceeds_capacity_and_combines_each_kept_token_once(
 
 # ------------------------------------------------------------------ shapes (hypothesis)
 @settings(max_examples=30, deadline=None)
-@given(T=st.integers(1, 24), N=st.integers(1, 6), k_frac=st.floats(0, 1), cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]),
-       n_in=st.integers(1, 4), n_out=st.integers(1, 3), seed=st.integers(0, 100))
+@given(T=st.integers(1, 24), N=st.integers(1, 6), k_frac=st.floats(0, 1),
+       cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]), n_in=st.integers(1, 4), n_out=st.integers(1, 3),
+       seed=st.integers(0, 100))
 def test_token_choice_shapes_and_reference(T, N, k_frac, cf, n_in, n_out, seed):
     k = 1 + int(k_frac * (N - 1))
     layer = TokenChoiceMoE(n_in, n_out, N, 3, 1, k=k, capacity_factor=cf,
