@@ -295,6 +295,10 @@ def test_bad_input_gives_clear_errors():
         layer(x)
     with pytest.raises(ValueError, match="k = 3 is larger than num_experts = 2"):
         top_k_gate(torch.zeros(4, 2), 3)
+    for bad in ([[0.0, 1.0]], torch.zeros(3), torch.zeros(0, 2)):
+        for route in (lambda z: top_k_gate(z, 1), lambda z: expert_choice(z, 1)):
+            with pytest.raises(ValueError, match=r"router logits must have shape \[tokens, experts\] .*got"):
+                route(bad)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 1, got 0"):
         expert_capacity(0, 4, 1.0)
 

@@ -43,8 +43,9 @@ def _router_float(logits: torch.Tensor) -> torch.Tensor:
 
 def _router_probs(logits: torch.Tensor) -> torch.Tensor:
     """The softmax over experts of finite ``[T, N]`` logits, in at least float32."""
-    if logits.ndim != 2 or logits.shape[0] < 1:
-        raise ValueError(f"router logits must have shape [tokens, experts] with tokens >= 1, got {tuple(logits.shape)}")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] < 1:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"router logits must have shape [tokens, experts] with tokens >= 1, got {shape}")
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
         rows = torch.nonzero(bad.any(dim=1)).flatten()[:5].tolist()
