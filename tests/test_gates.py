@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from momlp_lite.moe.gates import (
     ExpertChoiceMoE, TokenChoiceMoE, assign_slots, expert_capacity, expert_choice, load_balancing_loss,
-    noisy_logits, router_z_loss, run_expert_choice, top_k_gate,
+    noisy_logits, router_z_loss, top_k_gate,
 )
 
 
@@ -215,23 +215,24 @@ def test_expert_choice_never_exceeds_capacity_and_combines_each_kept_token_once(
     assert tokens.shape == (5, cap)
     for row in tokens:
         assert len(set(row.tolist())) == cap  # an expert takes a token at most once, never more than cap
-    # constant experts (output 1) with weights 1: each token's output counts the experts that took it
+    # constant experts (output 1): each token's output is the sum of the weights of the experts that took it
     with torch.no_grad():
         for w in layer.experts.weights:
             w.zero_()
         for b in layer.experts.biases:
             b.zero_()
         layer.experts.biases[-1].fill_(1.0)
-    y = run_expert_choice(layer.experts, x, torch.ones_like(weights), tokens)
-    counts = torch.bincount(tokens.flatten(), minlength=21).float()
-    torch.testing.assert_close(y[:, 0], counts)
-    assert int(counts.sum()) == 5 * cap
+    y = layer(x)
+    torch.testing.assert_close(y[:, 0], torch.zeros(21).index_add(0, tokens.flatten(), weights.flatten()))
+    counts = torch.bincount(tokens.flatten(), minlength=21)
+    assert torch.equal(layer.last_aux["experts_per_token"], counts) and int(counts.sum()) == 5 * cap
 
 
 # ------------------------------------------------------------------ shapes (hypothesis)
 @settings(max_examples=30, deadline=None)
-@given(T=st.integers(1, 24), N=st.integers(1, 6), k_frac=st.floats(0, 1), cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]),
-       n_in=st.integers(1, 4), n_out=st.integers(1, 3), seed=st.integers(0, 100))
+@given(T=st.integers(1, 24), N=st.integers(1, 6), k_frac=st.floats(0, 1),
+       cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]), n_in=st.integers(1, 4), n_out=st.integers(1, 3),
+       seed=st.integers(0, 100))
 def test_token_choice_shapes_and_reference(T, N, k_frac, cf, n_in, n_out, seed):
     k = 1 + int(k_frac * (N - 1))
     layer = TokenChoiceMoE(n_in, n_out, N, 3, 1, k=k, capacity_factor=cf,
@@ -279,8 +280,11 @@ def test_bad_input_gives_clear_errors():
     for cf in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match=r"capacity_factor must be a number > 0, got .*None for no dropping"):
             TokenChoiceMoE(2, 1, 4, 3, 1, capacity_factor=cf)
-    with pytest.raises(ValueError, match="capacity_factor must be a number > 0"):
-        ExpertChoiceMoE(2, 1, 4, 3, 1, capacity_factor=0.0)
+    for cf in (0.0, None):  # expert choice and expert_capacity have no "None drops nothing"
+        with pytest.raises(ValueError, match=r"capacity_factor must be a number > 0, got .*token choice only"):
+            ExpertChoiceMoE(2, 1, 4, 3, 1, capacity_factor=cf)
+        with pytest.raises(ValueError, match=r"capacity_factor must be a number > 0, got .*token choice only"):
+            expert_capacity(8, 4, cf)
     layer = TokenChoiceMoE(2, 1, 4, 3, 1)
     for bad in (torch.zeros(3, 5), torch.zeros(2, 3, 2), torch.zeros(0, 2)):
         with pytest.raises(ValueError, match=r"expects tokens of shape \[T, 2\].*got .*reshape"):
@@ -291,6 +295,10 @@ def test_bad_input_gives_clear_errors():
         layer(x)
     with pytest.raises(ValueError, match="k = 3 is larger than num_experts = 2"):
         top_k_gate(torch.zeros(4, 2), 3)
+    for bad in ([[0.0, 1.0]], torch.zeros(3), torch.zeros(0, 2)):
+        for route in (lambda z: top_k_gate(z, 1), lambda z: expert_choice(z, 1)):
+            with pytest.raises(ValueError, match=r"router logits must have shape \[tokens, experts\] .*got"):
+                route(bad)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 1, got 0"):
         expert_capacity(0, 4, 1.0)
 

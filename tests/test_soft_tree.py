@@ -125,7 +125,7 @@ def test_hardening_gives_exactly_one_leaf_per_input_and_the_greedy_path():
     assert len(torch.unique(leaf)) > 1  # the tree does split the data
     # eval mode runs exactly that one leaf
     y = tree(x)
-    want = torch.stack([_expert_ref(tree, int(l), x[i : i + 1])[0] for i, l in enumerate(leaf)])
+    want = torch.stack([_expert_ref(tree, int(j), x[i : i + 1])[0] for i, j in enumerate(leaf)])
     assert torch.allclose(y, want, atol=1e-5)
     load = tree.last_aux["expert_load"]
     assert torch.allclose(load, torch.bincount(leaf, minlength=16).float() / 200)

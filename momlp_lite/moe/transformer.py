@@ -1,12 +1,6 @@
-"""A tiny vision transformer whose feed-forward blocks can be dense, a learned-gate MoE, or Soft MoE.
+"""A tiny vision transformer whose feed-forward blocks are dense, a learned-gate MoE, or Soft MoE.
 
-Taught in: book/moe_transformer.
-
-Images ``[B, C, H, W]`` are cut into ``m`` square patches, embedded to dimension ``d`` with a learned
-position embedding, and go through pre-norm blocks ``x + Attn(LN x)`` then ``x + FFN(LN x)``; the
-head classifies the mean token. Each block's FFN is any module built by :func:`make_ffn`. Token-wise
-FFNs see the ``B·m`` tokens of a batch as one ``[T, d]`` matrix (so capacity counts every token of the
-batch); Soft MoE sees ``[B, m, d]`` and mixes the ``m`` tokens of each image into its slots.
+Taught in: book/moe_transformer. Token-wise FFNs see a batch's ``B·m`` tokens as one ``[T, d]`` matrix.
 """
 
 from __future__ import annotations
@@ -22,45 +16,17 @@ from ..softmoe.layer import SoftMoE
 from .experts import StackedMLP
 from .gates import ExpertChoiceMoE, TokenChoiceMoE
 
-__all__ = ["FFN_KINDS", "DenseFFN", "make_ffn", "ffn_parameters", "TinyViT"]
-
-FFN_KINDS = ("dense", "top1", "top2", "expert_choice", "soft")
-
-
-class DenseFFN(nn.Module):
-    """One ReLU MLP ``d -> hidden -> d`` (a stack of one expert), token-wise.
-
-    Taught in: book/moe_transformer.
-    """
-
-    def __init__(self, dim: int, hidden: int, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.mlp = StackedMLP(1, dim, hidden, 1, dim, prelu=False, generator=generator)
-        self.last_aux: dict[str, torch.Tensor | float] = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.unsqueeze(0))[0]
-
-    @property
-    def params_total(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    params_active = params_total
+__all__ = ["make_ffn", "ffn_parameters", "TinyViT"]
 
 
 def make_ffn(kind: str, dim: int, hidden: int, num_experts: int = 1, capacity_factor: float | None = None,
              generator: torch.Generator | None = None) -> nn.Module:
-    """An FFN block of the given ``kind`` (one of :data:`FFN_KINDS`); experts are ``d -> hidden -> d``.
-
-    ``top1``/``top2``: :class:`TokenChoiceMoE` (``capacity_factor`` None drops nothing);
-    ``expert_choice``: :class:`ExpertChoiceMoE` (factor default 1); ``soft``: the book's
-    :class:`SoftMoE` with one slot per expert (no expert biases, ReLU).
-
-    Taught in: book/moe_transformer.
+    """An FFN of ``kind`` with experts ``d -> hidden -> d``: dense (one ReLU MLP), top1, top2, expert_choice (factor 1
+    by default) or soft (one slot per expert). Taught in: book/moe_transformer.
     """
     check_positive_int("hidden", hidden)
     if kind == "dense":
-        return DenseFFN(dim, hidden, generator)
+        return StackedMLP(1, dim, hidden, 1, dim, prelu=False, generator=generator)
     if kind in ("top1", "top2"):
         return TokenChoiceMoE(dim, dim, num_experts, hidden, 1, k=int(kind[-1]), capacity_factor=capacity_factor,
                               generator=generator, prelu=False)
@@ -69,15 +35,11 @@ def make_ffn(kind: str, dim: int, hidden: int, num_experts: int = 1, capacity_fa
                                generator=generator, prelu=False)
     if kind == "soft":
         return SoftMoE(dim, num_experts, hidden, generator=generator)
-    raise ValueError(f"kind must be one of {FFN_KINDS}, got {kind!r}")
+    raise ValueError(f"kind must be one of ('dense', 'top1', 'top2', 'expert_choice', 'soft'), got {kind!r}")
 
 
 def ffn_parameters(ffn: nn.Module) -> tuple[int, int]:
-    """``(total, active per token)`` of an FFN block. Soft MoE runs every expert on every input's slots,
-    so all its parameters count as active.
-
-    Taught in: book/moe_transformer.
-    """
+    """``(total, active per token)`` of an FFN block; Soft MoE counts all as active. Taught in: book/moe_transformer."""
     total = sum(p.numel() for p in ffn.parameters())
     return total, int(getattr(ffn, "params_active", total))
 
@@ -99,19 +61,7 @@ class _Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Patch embedding, one pre-norm block per FFN in ``ffns``, mean-token classifier.
-
-    Parameters
-    ----------
-    ffns : sequence of nn.Module
-        The FFN of each block (see :func:`make_ffn`); their number is the depth.
-    dim, heads : int
-        Token dimension and attention heads.
-    patch, image_size, channels, classes : int
-        Square patches of ``patch`` pixels from ``image_size``-pixel images.
-
-    Taught in: book/moe_transformer.
-    """
+    """Patch embedding, a pre-norm block per FFN in ``ffns``, mean-token classifier. Taught in: book/moe_transformer."""
 
     def __init__(self, ffns: Sequence[nn.Module], dim: int, heads: int = 2, patch: int = 7, image_size: int = 28,
                  channels: int = 1, classes: int = 10) -> None:
@@ -128,12 +78,9 @@ class TinyViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
-    def patches(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, m, C·patch²]``."""
-        return F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(self.patches(images)) + self.position
+        patches = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # [B, m, C·patch²]
+        x = self.embed(patches) + self.position
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x).mean(dim=1))
@@ -148,8 +95,7 @@ class TinyViT(nn.Module):
         return total
 
     def parameter_counts(self) -> tuple[int, int]:
-        """``(total, active per token)``: all parameters, and the shared ones plus each FFN's active ones."""
+        """``(total, active per token)``: all parameters, less each FFN's inactive ones."""
         total = sum(p.numel() for p in self.parameters())
-        ffn_total = sum(ffn_parameters(b.ffn)[0] for b in self.blocks)
-        ffn_active = sum(ffn_parameters(b.ffn)[1] for b in self.blocks)
-        return total, total - ffn_total + ffn_active
+        counts = [ffn_parameters(b.ffn) for b in self.blocks]
+        return total, total - sum(t - a for t, a in counts)
