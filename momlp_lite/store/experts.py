@@ -60,9 +60,7 @@ def expert_files(directory: str | os.PathLike[str], expert_id: int) -> list[Path
 
 def save_tree(directory: str | os.PathLike[str], tree: RoutingTree, metadata: Mapping[str, str] | None = None
               ) -> dict[str, Any]:
-    """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON); returns its manifest entry.
-    Taught in: book/serving_one_expert.
-    """
+    """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON). Taught in: book/serving_one_expert."""
     state = tree.state_dict()
     keys = {f"keys.{i}": k for i, k in enumerate(state.pop("keys"))}
     tensors = keys or {"one_leaf": torch.zeros(1)}  # a one-leaf tree has no keys: a marker tensor keeps the file valid
@@ -72,9 +70,7 @@ def save_tree(directory: str | os.PathLike[str], tree: RoutingTree, metadata: Ma
 
 
 def load_tree(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[RoutingTree, dict[str, str]]:
-    """``(tree, metadata)`` of a :func:`save_tree` file (``sha256``: the one it must be).
-    Taught in: book/serving_one_expert.
-    """
+    """``(tree, metadata)`` of a :func:`save_tree` file (of hash ``sha256``). Taught in: book/serving_one_expert."""
     tensors, meta, digest = read_checked(path)
     if sha256 is not None and digest != sha256:
         raise StoreError(f"routing tree file {str(path)!r} is not the one the manifest names "
@@ -136,9 +132,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree | None]:
-    """``(manifest, routing tree or None)``; :class:`StoreError` naming the entry for anything inconsistent.
-    Taught in: book/serving_one_expert.
-    """
+    """``(manifest, tree or None)``, or a StoreError naming the bad entry. Taught in: book/serving_one_expert."""
     mpath = Path(directory) / MANIFEST_NAME
     if not mpath.is_file():
         raise StoreError(f"no {MANIFEST_NAME} in {str(mpath.parent)!r}: not an expert store (save one first)")
@@ -166,9 +160,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Ro
 # ---------------------------------------------------------------------------- the expert store
 @dataclass
 class Prediction:
-    """What :meth:`ExpertStore.predict` returns (``peak_bytes``: None if not measured).
-    Taught in: book/serving_one_expert.
-    """
+    """Outputs, leaves, experts loaded, peak memory and time of a prediction. Taught in: book/serving_one_expert."""
 
     outputs: torch.Tensor
     leaves: torch.Tensor
@@ -223,7 +215,7 @@ class ExpertStore:
             _contained(self.directory, e.get("file"), f"experts[{i}]")
         self.manifest, self.tree, self.config, self.expert_entries = manifest, tree, config, entries
         self.num_experts, self.expert_ids, self.parameters_per_expert = len(entries), sorted(entries), per_expert
-        self.info: dict[str, Any] = dict(manifest.get("info", {}))
+        self.info = dict(manifest.get("info", {}))
         self._stamp = stamp
 
     @classmethod
