@@ -29,6 +29,18 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
+def _plant_pickle(path: Path, key: str) -> Path:
+    """Write a torch.save (pickle) file at ``path`` that would touch the returned marker if it were unpickled."""
+    marker = path.parent / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({key: Evil()}, path)
+    return marker
+
+
 def _data_start(path: Path) -> int:
     (n,) = struct.unpack("<Q", path.read_bytes()[:8])
     return 8 + n
@@ -131,14 +143,8 @@ def test_file_without_checksum_is_refused(tmp_path: Path) -> None:
 
 def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
     """A torch.save (pickle) file renamed to .safetensors is refused without being unpickled."""
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     path = tmp_path / "e.safetensors"
-    torch.save({"x": Evil()}, path)
+    marker = _plant_pickle(path, "x")
     with pytest.raises(StoreError):
         load_expert_file(path)
     assert not marker.exists()
@@ -340,13 +346,7 @@ def test_corrupted_or_swapped_expert_files_are_refused(tmp_path: Path) -> None:
     p0.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(StoreError, match="not a readable safetensors"):
         ExpertStore(st.directory).predict(x, device="cpu")
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"weights.0": Evil()}, p0)  # a pickle in place of an expert
+    marker = _plant_pickle(p0, "weights.0")  # a pickle in place of an expert
     with pytest.raises(StoreError):
         st.load_expert(0)
     assert not marker.exists()
