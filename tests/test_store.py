@@ -12,20 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momlp_lite.store import experts as store
-from momlp_lite.store import files
 from momlp_lite.moe.routing import RoutingTree
-from momlp_lite.store.experts import (
-    CHECKSUM_KEY,
-    MANIFEST_NAME,
-    StoreError,
-    expert_file_ok,
-    is_temporary_file,
-    load_expert_file,
-    read_manifest,
-    save_expert_file,
-    write_manifest,
-)
+from momlp_lite.store import files
+from momlp_lite.store.experts import MANIFEST_NAME, StoreError, read_manifest, write_manifest
+from momlp_lite.store.files import CHECKSUM_KEY, expert_file_ok, is_temporary_file, load_expert_file, save_expert_file
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,6 +27,18 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         "count": torch.arange(4, dtype=torch.int64),
         "half": torch.randn(3, 2, generator=g).to(torch.bfloat16),
     }
+
+
+def _plant_pickle(path: Path, key: str) -> Path:
+    """Write a torch.save (pickle) file at ``path`` that would touch the returned marker if it were unpickled."""
+    marker = path.parent / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({key: Evil()}, path)
+    return marker
 
 
 def _data_start(path: Path) -> int:
@@ -54,7 +56,7 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path: Path) -> None:
     for k in t:
         assert back[k].dtype == t[k].dtype and back[k].shape == t[k].shape
         assert torch.equal(back[k], t[k])
-    assert len(digest) == 64 and digest == store.tensor_checksum(t, meta)
+    assert len(digest) == 64 and digest == files.tensor_checksum(t, meta)
 
 
 @settings(max_examples=25, deadline=None)
@@ -141,14 +143,8 @@ def test_file_without_checksum_is_refused(tmp_path: Path) -> None:
 
 def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
     """A torch.save (pickle) file renamed to .safetensors is refused without being unpickled."""
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     path = tmp_path / "e.safetensors"
-    torch.save({"x": Evil()}, path)
+    marker = _plant_pickle(path, "x")
     with pytest.raises(StoreError):
         load_expert_file(path)
     assert not marker.exists()
@@ -164,7 +160,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: p
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(store.os, fail_at, boom)
+    monkeypatch.setattr(files.os, fail_at, boom)
     with pytest.raises(KeyboardInterrupt):
         save_expert_file(path, _tensors(1), {"v": "new"})
     monkeypatch.undo()
@@ -176,7 +172,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: p
 def test_crash_leftover_temp_file_is_recognizable(tmp_path: Path) -> None:
     path = tmp_path / "e.safetensors"
     save_expert_file(path, _tensors())
-    leftover = tmp_path / f".e.safetensors{store._TMP_MARK}abc123"
+    leftover = tmp_path / f".e.safetensors{files.TMP_MARK}abc123"
     leftover.write_bytes(path.read_bytes()[:50])  # what a killed process leaves behind
     assert is_temporary_file(leftover) and not is_temporary_file(path)
     assert expert_file_ok(path) and not expert_file_ok(leftover)
@@ -251,7 +247,7 @@ def test_interrupted_manifest_write_keeps_the_previous_tree(tmp_path: Path, monk
             raise KeyboardInterrupt("killed before the manifest")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         write_manifest(tmp_path, {"v": 2}, RoutingTree.regular(3, depth=1, branching=8))
     monkeypatch.undo()
@@ -262,7 +258,7 @@ def test_interrupted_manifest_write_keeps_the_previous_tree(tmp_path: Path, monk
 
 # ---------------------------------------------------------------------------- the expert store
 from momlp_lite.moe.experts import StackedMLP  # noqa: E402
-from momlp_lite.store.experts import ExpertStore, expert_files  # noqa: E402
+from momlp_lite.store.experts import ExpertStore  # noqa: E402
 from momlp_lite.store.memory import TensorMemoryMeter, measure_peak_memory  # noqa: E402
 
 
@@ -350,13 +346,7 @@ def test_corrupted_or_swapped_expert_files_are_refused(tmp_path: Path) -> None:
     p0.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(StoreError, match="not a readable safetensors"):
         ExpertStore(st.directory).predict(x, device="cpu")
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"weights.0": Evil()}, p0)  # a pickle in place of an expert
+    marker = _plant_pickle(p0, "weights.0")  # a pickle in place of an expert
     with pytest.raises(StoreError):
         st.load_expert(0)
     assert not marker.exists()

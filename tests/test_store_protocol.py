@@ -19,7 +19,6 @@ import yaml
 from safetensors.torch import save_file
 
 from momlp_lite.distributed.cli import main
-from momlp_lite.distributed.train import CRASH_ENV
 from momlp_lite.moe.experts import StackedMLP
 from momlp_lite.moe.routing import RoutingTree
 from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, expert_files, save_expert_file

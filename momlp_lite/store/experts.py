@@ -1,13 +1,10 @@
-"""One file per expert: checked safetensors files, a checked manifest, one-expert-at-a-time serving.
+"""The expert store: one checked file per expert, a checked manifest, one-expert-at-a-time serving.
 
-Taught in: book/serving_one_expert. Layout of a store (the only one; distributed runs write it too)::
+Taught in: book/serving_one_expert. The only layout (distributed runs write it too)::
 
     manifest.json                                  the commit point (written last, under the lock)
     routing_tree.<hash>.safetensors                the tree's keys (RoutingTree.state_dict)
     experts/expert_<id>.<hash>.safetensors         one checked file per expert, named by its content
-
-Every file holds a SHA-256 of its tensors and metadata (:data:`CHECKSUM_KEY`) and is written
-byte-reproducibly (sorted header keys), so the same weights always give the same bytes.
 """
 
 from __future__ import annotations
@@ -25,17 +22,14 @@ from tqdm.auto import tqdm
 from ..moe.experts import StackedMLP
 from ..moe.routing import RoutingTree
 from ..runtime import get_device
-from .checked import CHECKSUM_KEY, expert_file_ok, load_expert_file, save_expert_file, tensor_checksum
 from . import files
-from .checked import read_checked as _load_checked
-from .files import TMP_MARK as _TMP_MARK  # noqa: F401 - tests name leftover temp files with it
-from .files import (StoreError, atomic_write_bytes, is_temporary_file, other_live_writers,
-                    remove_abandoned_temporaries, store_lock, writing)
-from .memory import maybe_measure
+from .files import (StoreError, atomic_write_bytes, expert_file_ok, load_expert_file, other_live_writers,
+                    read_checked, remove_abandoned_temporaries, save_expert_file, store_lock, tensor_checksum, writing)
+from .memory import measure_peak_memory
 
-__all__ = ["StoreError", "CHECKSUM_KEY", "MANIFEST_NAME", "EXPERT_DIR", "atomic_write_bytes", "is_temporary_file",
-           "tensor_checksum", "save_expert_file", "load_expert_file", "expert_file_ok", "write_expert",
-           "expert_files", "save_tree", "load_tree", "write_manifest", "read_manifest", "Prediction", "ExpertStore"]
+__all__ = ["StoreError", "MANIFEST_NAME", "EXPERT_DIR", "atomic_write_bytes", "save_expert_file", "load_expert_file",
+           "write_expert", "expert_files", "save_tree", "load_tree", "write_manifest", "read_manifest", "Prediction",
+           "ExpertStore"]
 
 MANIFEST_NAME = "manifest.json"
 TREE_PREFIX = "routing_tree"
@@ -43,57 +37,47 @@ EXPERT_DIR = "experts"
 STORE_FORMAT, STORE_VERSION = "momlp-store", 2
 
 
-# ---------------------------------------------------------------------------- expert files
-def write_expert(directory: str | os.PathLike[str], expert_id: int, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Write one expert's file into a store (content-addressed: never overwrites other content).
-    Taught in: book/serving_one_expert.
-    """
-    meta = {**(metadata or {}), "expert_id": str(int(expert_id))}
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    digest = tensor_checksum(cpu, meta)
-    name = f"{EXPERT_DIR}/expert_{int(expert_id):05d}.{digest[:16]}.safetensors"
-    path = Path(directory) / name
-    if not path.is_file() or not expert_file_ok(path):
-        save_expert_file(path, cpu, meta)
+def _write_named(folder: Path, stem: str, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
+    """Write ``<stem>.<hash>.safetensors`` unless a good copy is there: content-named, never overwrites others."""
+    digest = tensor_checksum(tensors, meta)
+    name = f"{stem}.{digest[:16]}.safetensors"
+    if not expert_file_ok(folder / name):
+        save_expert_file(folder / name, tensors, meta)
     return {"file": name, "sha256": digest}
 
 
+def write_expert(directory: str | os.PathLike[str], expert_id: int, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Write one expert's file into a store; returns its manifest entry. Taught in: book/serving_one_expert."""
+    meta = {**(metadata or {}), "expert_id": str(int(expert_id))}
+    return _write_named(Path(directory), f"{EXPERT_DIR}/expert_{int(expert_id):05d}", tensors, meta)
+
+
 def expert_files(directory: str | os.PathLike[str], expert_id: int) -> list[Path]:
-    """Every file of expert ``expert_id`` in a store folder (committed or not), sorted by name.
-    Taught in: book/serving_one_expert.
-    """
+    """Every file of expert ``expert_id`` in a store (committed or not), sorted. Taught in: book/serving_one_expert."""
     return sorted((Path(directory) / EXPERT_DIR).glob(f"expert_{int(expert_id):05d}.*.safetensors"))
 
 
-# ---------------------------------------------------------------------------- routing trees
 def save_tree(directory: str | os.PathLike[str], tree: RoutingTree, metadata: Mapping[str, str] | None = None
               ) -> dict[str, Any]:
-    """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON); returns its manifest entry.
-    Taught in: book/serving_one_expert.
-    """
+    """Write ``tree.state_dict()`` (keys as tensors, the rest as JSON). Taught in: book/serving_one_expert."""
     state = tree.state_dict()
     keys = {f"keys.{i}": k for i, k in enumerate(state.pop("keys"))}
     tensors = keys or {"one_leaf": torch.zeros(1)}  # a one-leaf tree has no keys: a marker tensor keeps the file valid
     meta = {**(metadata or {}), "kind": "routing_tree", "state": json.dumps(state, sort_keys=True)}
-    digest = tensor_checksum(tensors, meta)
-    name = f"{TREE_PREFIX}.{digest[:16]}.safetensors"
-    if not expert_file_ok(Path(directory) / name):
-        save_expert_file(Path(directory) / name, tensors, meta)
-    return {"file": name, "sha256": digest, "levels": len(keys), "num_leaves": tree.num_leaves}
+    return {**_write_named(Path(directory), TREE_PREFIX, tensors, meta), "levels": len(keys),
+            "num_leaves": tree.num_leaves}
 
 
 def load_tree(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[RoutingTree, dict[str, str]]:
-    """``(tree, metadata)`` of a file written by :func:`save_tree` (``sha256``: the one it must be).
-    Taught in: book/serving_one_expert.
-    """
-    tensors, meta, digest = _load_checked(path)
+    """``(tree, metadata)`` of a :func:`save_tree` file (of hash ``sha256``). Taught in: book/serving_one_expert."""
+    tensors, meta, digest = read_checked(path)
     if sha256 is not None and digest != sha256:
         raise StoreError(f"routing tree file {str(path)!r} is not the one the manifest names "
                          "(left over from another save?); re-save the store")
     try:
-        state = {**json.loads(meta["state"]), "keys": [tensors[f"keys.{i}"] for i in range(len(tensors) - ("one_leaf" in tensors))]}
-        return RoutingTree.from_state_dict(state), meta
+        keys = [tensors[f"keys.{i}"] for i in range(len(tensors) - ("one_leaf" in tensors))]
+        return RoutingTree.from_state_dict({**json.loads(meta["state"]), "keys": keys}), meta
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"{str(path)!r} is not a routing tree file: {exc}") from None
 
@@ -114,12 +98,10 @@ def _contained(folder: Path, name: Any, what: str) -> Path:
 
 def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any], tree: RoutingTree | None = None,
                    holder_start: float | None = None, tree_meta: Mapping[str, str] | None = None) -> Path:
-    """Commit a store: write the tree file and ``manifest.json`` under the store's lock, then clean up.
+    """Commit a store under its lock: the tree file, ``manifest.json``, then the clean-up.
 
-    The clean-up removes temp files that are provably abandoned (see
-    :func:`~momlp_lite.store.files.temporary_abandoned`; ``holder_start`` is when the writer began)
-    and, only when no other writer is registered, the expert and tree files no manifest names.
-    Taught in: book/serving_one_expert.
+    Taught in: book/serving_one_expert. The clean-up removes provably abandoned temp files (``holder_start``:
+    when this writer began) and, only when no other writer is registered, older files the manifest does not name.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +124,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
         remove_abandoned_temporaries([folder, folder / EXPERT_DIR], start)
         if not other_live_writers(folder):
             keep = {doc.get("routing_tree", {}).get("file"), *named}
-            stored = [*folder.glob(f"{TREE_PREFIX}.*.safetensors"), *(folder / EXPERT_DIR).glob("expert_*.safetensors")]
+            stored = [*folder.glob(f"{TREE_PREFIX}.*.safetensors"), *folder.glob(f"{EXPERT_DIR}/expert_*.safetensors")]
             for p in stored:
                 if p.relative_to(folder).as_posix() not in keep and p.stat().st_mtime < start:
                     p.unlink(missing_ok=True)
@@ -150,13 +132,10 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree | None]:
-    """``(manifest, routing tree or None)``; :class:`StoreError` naming the entry for anything inconsistent.
-    Taught in: book/serving_one_expert.
-    """
-    folder = Path(directory)
-    mpath = folder / MANIFEST_NAME
+    """``(manifest, tree or None)``, or a StoreError naming the bad entry. Taught in: book/serving_one_expert."""
+    mpath = Path(directory) / MANIFEST_NAME
     if not mpath.is_file():
-        raise StoreError(f"no {MANIFEST_NAME} in {str(folder)!r}: not an expert store (save one first)")
+        raise StoreError(f"no {MANIFEST_NAME} in {str(mpath.parent)!r}: not an expert store (save one first)")
     try:
         doc = json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -171,7 +150,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Ro
         return doc, None
     if not isinstance(info, dict) or not all(k in info for k in ("file", "sha256", "levels", "num_leaves")):
         raise StoreError(f"manifest entry routing_tree of {str(mpath)!r} is incomplete: {info!r}")
-    tree, _ = load_tree(_contained(folder, info["file"], "routing_tree"), info["sha256"])
+    tree, _ = load_tree(_contained(mpath.parent, info["file"], "routing_tree"), info["sha256"])
     if tree.depth != info["levels"] or tree.num_leaves != info["num_leaves"]:
         raise StoreError(f"manifest entry routing_tree says {info['levels']} levels and {info['num_leaves']} leaves, "
                          f"but its file holds {tree.depth} levels and {tree.num_leaves} leaves; re-save the store")
@@ -181,8 +160,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Ro
 # ---------------------------------------------------------------------------- the expert store
 @dataclass
 class Prediction:
-    """What :meth:`ExpertStore.predict` returns: outputs ``[N, n_out]``, leaves ``[N]``, experts loaded,
-    peak memory (None when not measured) and how it was measured, wall time. Taught in: book/serving_one_expert."""
+    """Outputs, leaves, experts loaded, peak memory and time of a prediction. Taught in: book/serving_one_expert."""
 
     outputs: torch.Tensor
     leaves: torch.Tensor
@@ -200,9 +178,8 @@ class Prediction:
 class ExpertStore:
     """A folder holding a MoMLP: one checked file per expert, the routing tree, a checked manifest.
 
-    Taught in: book/serving_one_expert. Open one with ``ExpertStore(directory)``, write one with
-    :meth:`save`. Every read (``predict``, ``load_*``) holds the store's lock and first reloads the
-    manifest if a writer committed a new version, so it sees one complete version of the store.
+    Taught in: book/serving_one_expert. Open one with ``ExpertStore(directory)``, write one with :meth:`save`.
+    Every read holds the store's lock and first reloads a newly committed manifest: it sees one whole version.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -220,9 +197,8 @@ class ExpertStore:
         manifest, tree = read_manifest(self.directory)
         where = f"manifest of {str(self.directory)!r}"
         try:
-            config, raw = dict(manifest["config"]), manifest["experts"]
-            entries = {int(k): v for k, v in raw.items()}
-            int(manifest["parameters_per_expert"])
+            config, entries = dict(manifest["config"]), {int(k): v for k, v in manifest["experts"].items()}
+            per_expert = int(manifest["parameters_per_expert"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(f"{where} is not an expert store manifest: missing or bad {exc}") from None
         if tree is None:
@@ -238,12 +214,14 @@ class ExpertStore:
                 raise StoreError(f"{where}: entry experts[{i}] is not {{file, sha256}}: {e!r}")
             _contained(self.directory, e.get("file"), f"experts[{i}]")
         self.manifest, self.tree, self.config, self.expert_entries = manifest, tree, config, entries
+        self.num_experts, self.expert_ids, self.parameters_per_expert = len(entries), sorted(entries), per_expert
+        self.info = dict(manifest.get("info", {}))
         self._stamp = stamp
 
     @classmethod
     def save(cls, directory: str | os.PathLike[str], experts: StackedMLP, tree: RoutingTree | None = None,
              info: Mapping[str, Any] | None = None) -> "ExpertStore":
-        """Save every expert to its own file, then commit the tree and the manifest (see :func:`write_manifest`).
+        """Write every expert's file, then commit the tree and the manifest (:func:`write_manifest`).
 
         ``tree`` may be omitted for a single expert (a one-leaf tree: every input goes to expert 0).
         """
@@ -271,34 +249,15 @@ class ExpertStore:
                         raise
         return cls(folder)
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.expert_entries)
-
-    @property
-    def expert_ids(self) -> list[int]:
-        return sorted(self.expert_entries)
-
-    @property
-    def parameters_per_expert(self) -> int:
-        return int(self.manifest["parameters_per_expert"])
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return dict(self.manifest.get("info", {}))
-
     def expert_path(self, expert_id: int) -> Path:
+        """Path of expert ``expert_id``'s file."""
         if int(expert_id) not in self.expert_entries:
             raise ValueError(f"expert {expert_id} is not in this store (ids 0..{self.num_experts - 1})")
         return _contained(self.directory, self.expert_entries[int(expert_id)]["file"], f"experts[{expert_id}]")
 
-    def expert_bytes(self, expert_id: int) -> int:
-        """Size of one expert's file on disk."""
-        return self.expert_path(expert_id).stat().st_size
-
     def _read_state(self, expert_id: int) -> dict[str, torch.Tensor]:
         path = self.expert_path(expert_id)
-        tensors, meta, digest = _load_checked(path)
+        tensors, meta, digest = read_checked(path)
         if digest != self.expert_entries[int(expert_id)]["sha256"] or meta.get("expert_id") != str(int(expert_id)):
             raise StoreError(f"{str(path)!r} (expert_id {meta.get('expert_id')!r}) is not the expert {expert_id} "
                              f"the manifest entry experts[{expert_id}] names; re-save the store")
@@ -315,7 +274,8 @@ class ExpertStore:
         want = set(model.state_dict()) - {"expert_ids"}
         for i, st in zip(ids, states):
             if set(st) != want:
-                raise StoreError(f"expert {i} in {str(self.directory)!r} has tensors {sorted(st)}, expected {sorted(want)}")
+                raise StoreError(f"expert {i} in {str(self.directory)!r} has tensors {sorted(st)}, "
+                                 f"expected {sorted(want)}")
         stacked = ({k: v.unsqueeze(0) for k, v in states[0].items()} if len(states) == 1
                    else {k: torch.stack([st[k] for st in states]) for k in want})
         stacked = {k: v.to(device) for k, v in stacked.items()}
@@ -323,7 +283,8 @@ class ExpertStore:
         try:
             model.load_state_dict(stacked, strict=True, assign=True)
         except RuntimeError as exc:
-            raise StoreError(f"expert tensors in {str(self.directory)!r} do not fit the manifest's config: {exc}") from None
+            raise StoreError(f"expert tensors in {str(self.directory)!r} do not fit the manifest's config: "
+                             f"{exc}") from None
         return model.eval()
 
     def load_expert(self, expert_id: int, device: torch.device | str = "cpu") -> StackedMLP:
@@ -345,17 +306,12 @@ class ExpertStore:
             raise ValueError(f"x has {int((~torch.isfinite(x)).any(1).sum())} rows with NaN or inf; clean them first")
         return x.to("cpu")
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert id of every row of ``x``."""
-        return self.tree.route(self._inputs(x))
-
     @torch.no_grad()
     def predict(self, x: torch.Tensor, device: torch.device | str | None = None, progress: bool = False,
                 measure_memory: bool = True) -> Prediction:
-        """Predict by loading **one expert at a time** (one batched forward per expert that got rows).
+        """Predict loading **one expert at a time** (one batched forward per expert that got rows).
 
-        Peak memory: :func:`~momlp_lite.store.memory.measure_peak_memory` (``measure_memory=False``
-        for timings; the CPU meter slows every op down).
+        ``measure_memory=False`` for timings: the CPU meter (:mod:`~momlp_lite.store.memory`) slows every op down.
         """
         dev = torch.device(device) if device is not None else get_device()
         x = self._inputs(x)
@@ -367,7 +323,7 @@ class ExpertStore:
             present, counts = torch.unique_consecutive(leaves[order], return_counts=True)
             groups = torch.split(order, counts.tolist())
             outputs = torch.empty(len(x), int(self.config["n_out"]), dtype=torch.float32)
-            with maybe_measure(dev, measure_memory) as mem:
+            with measure_peak_memory(dev, measure_memory) as mem:
                 # the loop over experts is the point: one expert resident at a time, one load per needed expert
                 for leaf, rows in tqdm(zip(present.tolist(), groups), total=len(groups), desc="experts",
                                        disable=not progress, leave=False):
@@ -386,7 +342,7 @@ class ExpertStore:
         with store_lock(self.directory):
             self._reload()
             leaves = self.tree.route(x)
-            with maybe_measure(dev, measure_memory) as mem:
+            with measure_peak_memory(dev, measure_memory) as mem:
                 model = self.load_all(dev)
                 y = model.forward_routed(x.to(dev), leaves.to(dev)).to("cpu", torch.float32)
                 del model

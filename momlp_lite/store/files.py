@@ -1,31 +1,29 @@
-"""Atomic file writes and the store's write protocol: one lock, owned temp files, registered writers.
+"""Checked safetensors files and the store's write protocol: atomic writes, one lock, owned temp files, writers.
 
-Taught in: book/serving_one_expert (section "Many writers, one store").
-
-* :func:`atomic_write_bytes` writes a temp file ``.<name>.tmp-<pid>@<host>@<random>`` in the same
-  folder, ``fsync``-s it and ``os.replace``-s it into place: readers see the old file or the new one.
-* :func:`store_lock` is a :class:`filelock.FileLock` on ``<store>/.store.lock``; writers hold it to
-  commit (write the manifest) and clean up, readers hold it while they read one version of a store.
-* :func:`writing` registers a writer in ``<store>/.writers/`` for as long as it writes.
-* :func:`temporary_abandoned`: a temp file is removed only if its owner is provably gone: a dead pid
-  on this host, or (names without an owner) older than the lock holder's start.
+Taught in: book/serving_one_expert (sections "A damaged store fails loudly" and "Many writers, one store").
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
+import struct
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
 
-__all__ = ["TMP_MARK", "StoreError", "atomic_write_bytes", "fsync_dir", "is_temporary_file", "store_lock",
-           "HOST", "writing", "other_live_writers", "temporary_abandoned", "remove_abandoned_temporaries", "pid_alive"]
+__all__ = ["StoreError", "HOST", "CHECKSUM_KEY", "atomic_write_bytes", "is_temporary_file", "store_lock", "writing",
+           "remove_abandoned_temporaries", "tensor_checksum", "save_expert_file", "read_checked", "load_expert_file",
+           "expert_file_ok"]
 
 TMP_MARK = ".tmp-"
 LOCK_NAME = ".store.lock"
@@ -33,46 +31,28 @@ WRITERS_DIR = ".writers"
 HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 _OWNER = re.compile(r"\.tmp-(\d+)@([A-Za-z0-9_.-]+)@")
 OTHER_HOST_STALE_S = 24 * 3600  # a temp file or writer entry of another machine: presumed gone after a day
+CHECKSUM_KEY = "momlp_sha256"
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
 _locks: dict[str, FileLock] = {}
 
 
 class StoreError(ValueError):
-    """A store file is missing, truncated, corrupted, tampered with, or the store is busy.
-
-    Taught in: book/serving_one_expert.
-    """
+    """A store file is missing, corrupted or tampered with, or the store is busy. Taught in: book/serving_one_expert."""
 
 
+# ---------------------------------------------------------------------------- the write protocol
 def is_temporary_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a temporary file of an atomic write (in flight, or left by a crash).
-    Taught in: book/serving_one_expert.
-    """
+    """Whether ``path`` is an atomic write's temp file (in flight or crashed). Taught in: book/serving_one_expert."""
     name = Path(path).name
     return name.startswith(".") and TMP_MARK in name
 
 
-def fsync_dir(directory: Path) -> None:
-    """Flush a folder's entries to disk (best effort; a no-op where folders cannot be opened).
-    Taught in: book/serving_one_expert.
-    """
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+    """Write ``data`` so that readers see the old file or the whole new one (temp file, ``fsync``, ``os.replace``).
 
-    The temp file's name carries this process's pid and host, so a cleaner can tell an abandoned
-    temp file from one still being written. On any error the temp file is removed.
-    Taught in: book/serving_one_expert.
+    The temp file ``.<name>.tmp-<pid>@<host>@<random>`` names its writer. Taught in: book/serving_one_expert.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,92 +64,84 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    with suppress(OSError):  # flush the folder entry too; best effort (e.g. Windows cannot open folders)
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return target
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine. Taught in: book/serving_one_expert."""
+def _gone(pid: int, host: str, path: Path) -> bool:
+    """Whether a temp file's or writer entry's owner is provably gone: a dead pid here, or a day old elsewhere."""
+    if host != HOST:
+        try:
+            return path.stat().st_mtime < time.time() - OTHER_HOST_STALE_S
+        except FileNotFoundError:  # removed meanwhile: not ours to judge
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
         return True
-    return True
-
-
-def temporary_abandoned(path: Path, holder_start: float) -> bool:
-    """Whether a temp file is provably abandoned (so a cleaner holding the lock may remove it).
-
-    Owned by a dead pid of this host; or by another host and older than a day; or, for a name
-    without an owner, last written before ``holder_start`` (the lock holder's start, a Unix time).
-    Taught in: book/serving_one_expert.
-    """
-    match = _OWNER.search(path.name)
-    try:
-        mtime = path.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if match is None:
-        return mtime < holder_start
-    pid, host = int(match.group(1)), match.group(2)
-    if host == HOST:
-        return pid != os.getpid() and not pid_alive(pid)
-    return mtime < time.time() - OTHER_HOST_STALE_S
+    except PermissionError:  # alive, owned by another user
+        pass
+    return False
 
 
 def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> list[str]:
-    """Remove the abandoned temp files in ``folders`` (call with :func:`store_lock` held); their names.
-    Taught in: book/serving_one_expert.
+    """Remove the provably abandoned temp files in ``folders`` (hold :func:`store_lock`); returns their names.
+
+    Abandoned: its owner is gone (see ``_gone``), or, for a name without an owner, it was last written before
+    ``holder_start`` (when the lock holder began, a Unix time). Taught in: book/serving_one_expert.
     """
     removed = []
     for folder in folders:
-        if folder.is_dir():
-            for p in sorted(folder.iterdir()):
-                if is_temporary_file(p) and temporary_abandoned(p, holder_start):
-                    p.unlink(missing_ok=True)
-                    removed.append(p.name)
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if not is_temporary_file(p):
+                continue
+            try:
+                mtime = p.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            match = _OWNER.search(p.name)
+            abandoned = mtime < holder_start if match is None else _gone(int(match[1]), match[2], p)
+            if abandoned:
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
     return removed
 
 
-def store_lock(directory: str | os.PathLike[str], timeout: float = 120.0) -> Any:
-    """The store's lock (re-entrant in one thread); a no-op for a folder this process cannot write.
+@contextmanager
+def store_lock(directory: str | os.PathLike[str], timeout: float = 120.0) -> Iterator[None]:
+    """The store's :class:`filelock.FileLock` (re-entrant in one thread); a no-op for a folder we cannot write.
 
-    Raises :class:`StoreError` when another process holds it for more than ``timeout`` seconds.
-    Taught in: book/serving_one_expert.
+    Writers hold it to commit and clean up, readers while they read one version. :class:`StoreError` when
+    another process holds it for more than ``timeout`` seconds. Taught in: book/serving_one_expert.
     """
     folder = Path(directory)
     if not os.access(folder, os.W_OK):  # a read-only copy: nobody can change it through us
-        return nullcontext()
+        yield
+        return
     key = str(folder.resolve())
-    lock = _locks.get(key)
-    if lock is None:
-        lock = _locks[key] = FileLock(str(folder / LOCK_NAME), timeout=timeout)
-    return _timed(lock, key, timeout)
-
-
-@contextmanager
-def _timed(lock: FileLock, key: str, timeout: float) -> Iterator[None]:
+    if key not in _locks:
+        _locks[key] = FileLock(str(folder / LOCK_NAME), timeout=timeout)
     try:
-        lock.acquire(timeout=timeout)
+        _locks[key].acquire(timeout=timeout)
     except Timeout:
         raise StoreError(f"store {key!r} stayed locked by another process for {timeout:g} s; "
                          f"retry later, or remove {LOCK_NAME!r} if no writer is running") from None
     try:
         yield
     finally:
-        lock.release()
+        _locks[key].release()
 
 
 @contextmanager
 def writing(directory: str | os.PathLike[str]) -> Iterator[float]:
-    """Register as a writer of ``directory`` while the block runs. Taught in: book/serving_one_expert."""
+    """Register as a writer in ``<directory>/.writers/``; yields the start time. Taught in: book/serving_one_expert."""
     start = time.time()
     reg = Path(directory) / WRITERS_DIR
     reg.mkdir(parents=True, exist_ok=True)
@@ -182,22 +154,120 @@ def writing(directory: str | os.PathLike[str]) -> Iterator[float]:
 
 
 def other_live_writers(directory: str | os.PathLike[str]) -> list[str]:
-    """Writers of ``directory`` other than this process that may still run (dead entries are dropped).
-    Taught in: book/serving_one_expert.
-    """
+    """Writers of ``directory`` besides this process that may still run (entries of gone writers are removed)."""
     reg = Path(directory) / WRITERS_DIR
     live = []
     for entry in sorted(reg.iterdir()) if reg.is_dir() else []:
-        pid_text, _, rest = entry.name.partition("@")
+        pid, _, rest = entry.name.partition("@")
         host = rest.rpartition("@")[0]
-        if not pid_text.isdigit():
+        if not pid.isdigit() or (host, int(pid)) == (HOST, os.getpid()):
             continue
-        if host == HOST and int(pid_text) == os.getpid():
-            continue
-        gone = (not pid_alive(int(pid_text))) if host == HOST else (
-            entry.stat().st_mtime < time.time() - OTHER_HOST_STALE_S)
-        if gone:
+        if _gone(int(pid), host, entry):
             entry.unlink(missing_ok=True)
         else:
             live.append(entry.name)
     return live
+
+
+# ---------------------------------------------------------------------------- checked files
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes, bytes and the metadata. Taught in: book/serving_one_expert."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(_tensor_bytes(t))
+    h.update(json.dumps({k: v for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _check_payload(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    if not tensors:
+        raise ValueError("nothing to save: tensors is empty; pass at least one named tensor")
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"tensors[{name!r}] has dtype {t.dtype}; store one of {sorted(map(str, _DTYPES))}")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"metadata must map str to str, got {k!r}: {v!r}; convert values with str() or json.dumps")
+    if CHECKSUM_KEY in metadata:
+        raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksum; rename it")
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors format, byte-reproducible: header keys sorted, tensors in name order."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        blob = bytes(_tensor_bytes(t))
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None) -> str:
+    """Save tensors and metadata as a checked file, atomically; returns its SHA-256.
+    Taught in: book/serving_one_expert.
+    """
+    meta = dict(metadata or {})
+    _check_payload(tensors, meta)
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    meta[CHECKSUM_KEY] = digest = tensor_checksum(cpu, meta)
+    atomic_write_bytes(path, _safetensors_bytes(cpu, meta))
+    return digest
+
+
+def read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """``(tensors on CPU, metadata without the checksum, checksum)`` of a checked file, or :class:`StoreError`.
+
+    safetensors holds raw bytes and JSON only: a tampered file can fail, never run code (unlike pickle).
+    Taught in: book/serving_one_expert.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise StoreError(f"store file {str(p)!r} does not exist; save it first or check the path")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise StoreError(f"{str(p)!r} is not a readable safetensors file (truncated or corrupted?): {exc}; "
+                         "re-save it or restore it from a good copy") from None
+    stored = meta.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        raise StoreError(f"{str(p)!r} has no {CHECKSUM_KEY!r} checksum in its metadata; only files written by "
+                         "momlp_lite.store.save_expert_file can be loaded")
+    actual = tensor_checksum(tensors, meta)
+    if actual != stored:
+        raise StoreError(f"{str(p)!r} fails its checksum (stored {stored[:12]}…, contents hash {actual[:12]}…): "
+                         "the file was corrupted or tampered with; re-save it")
+    return tensors, meta, actual
+
+
+def load_expert_file(path: str | os.PathLike[str], device: str | torch.device = "cpu"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors on device, metadata)`` of a checked file. Taught in: book/serving_one_expert."""
+    tensors, meta, _ = read_checked(path)
+    return {k: v.to(device) for k, v in tensors.items()}, meta
+
+
+def expert_file_ok(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`read_checked` would succeed. Taught in: book/serving_one_expert."""
+    try:
+        read_checked(path)
+    except StoreError:
+        return False
+    return True

@@ -14,18 +14,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["TensorMemoryMeter", "MemoryReport", "measure_peak_memory", "maybe_measure"]
+__all__ = ["TensorMemoryMeter", "MemoryReport", "measure_peak_memory"]
 
 
 class TensorMemoryMeter(TorchDispatchMode):
-    """Count the bytes of live torch tensor storages created while the meter is active.
+    """Count the bytes of live tensor storages created by aten ops while the meter is active.
 
-    Every aten op's outputs are seen by this dispatch mode; their storages are tracked (each once)
-    until they are freed (a weak reference to the storage expires). ``peak_bytes`` is the largest
-    total seen right after an op, when its inputs and outputs are both alive. Tensors created
-    outside the meter are not counted unless passed to :meth:`track`. This is a count of tensor
-    memory, not of the process: the Python interpreter, torch's own libraries and allocator slack
-    are left out, which is what makes it comparable between runs on a CPU.
+    Each storage is counted once until it is freed; ``peak_bytes`` is the largest total right after an op.
+    It counts tensor memory only (not the interpreter or allocator slack), so CPU runs are comparable.
     Taught in: book/serving_one_expert.
     """
 
@@ -35,13 +31,7 @@ class TensorMemoryMeter(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
 
-    def _purge(self) -> None:
-        dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
-        for k in dead:
-            self.current_bytes -= self._live.pop(k)[1]
-
-    def track(self, tensor: Any) -> None:
-        """Count ``tensor``'s storage (once) while it lives."""
+    def _track(self, tensor: Any) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return
         try:
@@ -49,15 +39,12 @@ class TensorMemoryMeter(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):  # e.g. sparse or wrapper tensors
             return
         nbytes, ptr = storage.nbytes(), storage.data_ptr()
-        if nbytes == 0:
-            return
-        if ptr in self._live:
-            ref, _ = self._live[ptr]
-            if not ref.expired():
-                return  # a view of, or the same, live storage
-        # A new allocation: first forget storages freed since the last one (memory only grows at
+        if nbytes == 0 or (ptr in self._live and not self._live[ptr][0].expired()):
+            return  # empty, or a view of (or the same) live storage
+        # A new allocation: first forget the storages freed since the last one (memory only grows at
         # allocations, so purging here keeps the peak exact and views cost nothing).
-        self._purge()
+        for k in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.current_bytes -= self._live.pop(k)[1]
         self._live[ptr] = (StorageWeakRef(storage), nbytes)
         self.current_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
@@ -65,13 +52,13 @@ class TensorMemoryMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch API
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            self.track(t)
+            self._track(t)
         return out
 
 
 @dataclass
 class MemoryReport:
-    """Peak memory of a block of work: ``peak_bytes`` and what was measured (``how``).
+    """Peak memory of a block of work (``peak_bytes``) and how it was measured (``how``).
     Taught in: book/serving_one_expert.
     """
 
@@ -80,41 +67,30 @@ class MemoryReport:
 
 
 @contextmanager
-def measure_peak_memory(device: torch.device | str) -> Iterator[MemoryReport]:
-    """Measure the peak memory of the block on ``device``. Taught in: book/serving_one_expert.
+def measure_peak_memory(device: torch.device | str, enabled: bool = True) -> Iterator[MemoryReport]:
+    """Peak memory of the block on ``device`` (``enabled=False``: an empty report).
 
-    CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated when the block began (the
-    allocator's own count of device memory). Elsewhere: the peak bytes of live torch tensors
-    created in the block (:class:`TensorMemoryMeter`).
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the start. Elsewhere: the peak bytes of
+    live tensors created in the block (:class:`TensorMemoryMeter`). Taught in: book/serving_one_expert.
     """
     dev = torch.device(device)
-    report = MemoryReport()
-    if dev.type == "cuda":
+    if not enabled:
+        yield MemoryReport(peak_bytes=None, how="not measured")
+    elif dev.type == "cuda":
         torch.cuda.synchronize(dev)
         start = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        report.how = "CUDA max_memory_allocated above the starting allocation"
+        report = MemoryReport(how="CUDA max_memory_allocated above the starting allocation")
         try:
             yield report
         finally:
             torch.cuda.synchronize(dev)
             report.peak_bytes = int(torch.cuda.max_memory_allocated(dev) - start)
     else:
-        report.how = f"peak bytes of live torch tensors created in the block ({dev.type})"
+        report = MemoryReport(how=f"peak bytes of live torch tensors created in the block ({dev.type})")
         meter = TensorMemoryMeter()
         try:
             with meter:
                 yield report
         finally:
             report.peak_bytes = int(meter.peak_bytes)
-
-
-@contextmanager
-def maybe_measure(device: torch.device, measure: bool) -> Iterator[MemoryReport]:
-    """:func:`measure_peak_memory` when ``measure``, else an empty report. Taught in: book/serving_one_expert."""
-    if measure:
-        with measure_peak_memory(device) as report:
-            yield report
-    else:
-        yield MemoryReport(peak_bytes=None, how="not measured")
-
