@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import functools
 import hashlib
 import json
 import math
@@ -95,7 +95,7 @@ class RunConfig:
 
     data: DataSection
     seed: int = _spec(0, ge=0)
-    profile: str = "default"
+    profile: str = _spec("default", choices=tuple(PROFILES))
     routing: RoutingSection = field(default_factory=RoutingSection)
     experts: ExpertSection = field(default_factory=ExpertSection)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -153,7 +153,10 @@ def parse_run_config(raw: Mapping[str, Any], profile: str | None = None, overrid
         raise ConfigError("unknown key 'optimiser': the table is now 'train', the trainer's TrainConfig "
                           "(optimiser.name -> train.optimizer, optimiser.epochs -> train.max_epochs); rename it")
     _reject_unknown(raw, ("seed", "profile", *_SECTIONS), prefix="")
-    prof = _resolve_profile(profile, raw.get("profile"))
+    in_file = raw.get("profile")
+    if in_file is not None:  # checked even when the argument overrides it
+        _check_value(RunConfig, "profile", in_file, "profile")
+    prof = get_profile(profile or in_file).name
     values: dict[str, Any] = {"profile": prof}
     if "seed" in raw:
         values["seed"] = _check_value(RunConfig, "seed", _pick(raw["seed"], "seed", prof), "seed")
@@ -172,17 +175,17 @@ def parse_run_config(raw: Mapping[str, Any], profile: str | None = None, overrid
 
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     for dotted, value in overrides.items():
-        parts = dotted.split(".")
-        if not all(parts):
+        *tables, key = dotted.split(".")
+        if not all([*tables, key]):
             raise ConfigError(f"override key {dotted!r} is not a dotted key like 'experts.width'")
         node = raw
-        for part in parts[:-1]:
+        for part in tables:
             nxt = node.get(part)
-            if nxt is not None and not isinstance(nxt, dict):
+            if not isinstance({} if nxt is None else nxt, dict):
                 raise ConfigError(f"override {dotted!r}: {part!r} is not a table")
-            node[part] = nxt = dict(nxt or {})
-            node = nxt
-        node[parts[-1]] = value
+            node[part] = dict(nxt or {})
+            node = node[part]
+        node[key] = value
     return raw
 
 
@@ -192,14 +195,6 @@ def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], prefix: st
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
-
-
-def _resolve_profile(arg: str | None, in_file: Any) -> str:
-    if in_file is not None and (not isinstance(in_file, str) or in_file not in PROFILES):
-        raise ConfigError(f"profile must be one of {sorted(PROFILES)}, got {in_file!r}")
-    if arg is not None:
-        return get_profile(arg).name
-    return in_file if in_file is not None else get_profile().name
 
 
 def _pick(value: Any, key: str, profile: str) -> Any:
@@ -229,31 +224,20 @@ def _parse_section(cls: type, table: Any, name: str, profile: str) -> Any:
         raise ConfigError(f"{name}.{err}" if str(err).split(" ", 1)[0] in known else f"{name}: {err}") from None
 
 
-@functools.cache
-def _field_rules(cls: type) -> dict[str, tuple[tuple[type, ...], Mapping[str, Any]]]:
-    """Per field: the types its annotation allows and its constraints."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: (typing.get_args(hints[f.name]) or (hints[f.name],), f.metadata) for f in dataclasses.fields(cls)}
-
-
-def _numeric_text(value: Any) -> Any:
-    """PyYAML (YAML 1.1) reads ``1e-3`` as a string: numeric text counts as a number."""
-    try:
-        return float(value) if isinstance(value, str) else value
-    except ValueError:
-        return value
-
-
 def _check_value(cls: type, key: str, value: Any, where: str) -> Any:
     """Check one value against its field's type and constraints; return it converted (``float`` for numbers)."""
-    types, rules = _field_rules(cls)[key]
+    hint, rules = typing.get_type_hints(cls)[key], next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+    types = typing.get_args(hint) or (hint,)
     if value is None:
         if type(None) in types:
             return None
         raise ConfigError(f"{where} must be set (got an empty value)")
     bounds = " and ".join(f"{op} {rules[k]:g}" for k, (op, _) in _OPS.items() if k in rules)
     for t in types:
-        v = _numeric_text(value) if t is float else value
+        v = value
+        if t is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string
+            with contextlib.suppress(ValueError):
+                v = float(value)
         if t in _KINDS and _KINDS[t][1](v):
             break
     else:
