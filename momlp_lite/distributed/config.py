@@ -253,23 +253,19 @@ def _check_value(cls: type, key: str, value: Any, where: str) -> Any:
 
 def _check_cross_fields(cfg: RunConfig) -> None:
     d, r, t = cfg.data, cfg.routing, cfg.train
-    grid = d.kind == "grid"
-    for key in ("target", "n", "s"):
-        if grid and getattr(d, key) is None:
-            raise ConfigError(f"data.{key} is required when data.kind is 'grid'")
-        if not grid and getattr(d, key) is not None:
-            raise ConfigError(f"data.{key} is only used when data.kind is 'grid'; remove it")
-    if grid:
+    for kind, keys in (("grid", ("target", "n", "s")), ("file", ("path",))):
+        for key in keys:
+            if d.kind == kind and getattr(d, key) is None:
+                raise ConfigError(f"data.{key} is required when data.kind is '{kind}'")
+            if d.kind != kind and getattr(d, key) is not None:
+                raise ConfigError(f"data.{key} is only used when data.kind is '{kind}'; remove it")
+    if d.kind == "grid":
         if not d.a < d.b:
             raise ConfigError(f"data.a must be < data.b, got a={d.a}, b={d.b}; swap them")
         if d.s**d.n > 50_000_000:
             raise ConfigError(f"data.s**data.n = {d.s**d.n} grid points is too many; lower data.s or data.n")
-        if d.path is not None:
-            raise ConfigError("data.path is only read when data.kind is 'file'; remove it or set data.kind: file")
         if t.loss != "mse":
             raise ConfigError(f"train.loss must be 'mse' for grid regression data (data.kind: grid), got {t.loss!r}")
-    elif d.path is None:
-        raise ConfigError("data.path is required when data.kind is 'file' (a safetensors file)")
     elif r.kind == "regular":
         raise ConfigError("routing.kind 'regular' needs the box of a grid (data.kind: grid); use routing.kind: kmeans")
     elif not Path(d.path).is_file():

@@ -315,8 +315,9 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
             summary: dict[str, Any] = {
                 "output_dir": str(out_dir), "mode": workers.mode, "backend": workers.backend,
                 "world_size": workers.world_size, "num_experts": tree.num_leaves, "fingerprint": fp, "ranks": records,
-                **{key: sorted(i for r in records for i in r[part]) for key, part in
-                   (("trained", "trained"), ("skipped", "skipped"), ("corrupt_retrained", "corrupt"))},
+                "trained": sorted(i for r in records for i in r["trained"]),
+                "skipped": sorted(i for r in records for i in r["skipped"]),
+                "corrupt_retrained": sorted(i for r in records for i in r["corrupt"]),
                 "failed": {k: v for r in records for k, v in r["failed"].items()}, "complete": False}
             if workers.writes:  # in a job array, the last task to finish commits
                 scan = _scan(out_dir, range(tree.num_leaves), fp)
