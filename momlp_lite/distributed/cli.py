@@ -42,7 +42,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _check_device(text: str | None) -> str | None:
-    kind, _, index = (text or "cpu").partition(":")
+    kind, _, index = ("cpu" if text is None else text).partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and (not index.isdigit() or kind == "cpu")):
         raise ValueError(f"--device must be cpu, cuda, cuda:<index> or mps, got {text!r}")
     return text
