@@ -219,6 +219,7 @@ def _fails(args: list[str], capsys: pytest.CaptureFixture, named: str) -> None:
     (["--device", "gpu"], "got 'gpu'"),
     (["--device", "cuda:x"], "got 'cuda:x'"),
     (["--device", "cpu:0"], "got 'cpu:0'"),
+    (["--device", ""], "--device must be cpu, cuda, cuda:<index> or mps, got ''"),
     (["--output", ""], "got ''"),
     (["--output", "   "], "got '   '"),
     (["--shard", "3"], "got '3'"),

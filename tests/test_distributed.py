@@ -8,6 +8,7 @@ for bit): every expert's initialization and data order depend only on (seed, exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -121,7 +122,7 @@ def test_expert_initialization_depends_only_on_seed_and_id(tmp_path: Path) -> No
     alone = init_experts(cfg, shape, [5])
     for k, v in alone.expert_state(5).items():
         assert torch.equal(v, group.expert_state(5)[k]), k
-    other_seed = init_experts(cfg.replace(seed=6), shape, [5])
+    other_seed = init_experts(dataclasses.replace(cfg, seed=6), shape, [5])
     assert not torch.equal(other_seed.weights[0][0], alone.weights[0][0])
     assert not torch.equal(group.weights[0][0], group.weights[0][2])  # experts 3 and 5 differ
 

@@ -126,6 +126,9 @@ def test_overrides_replace_dotted_keys() -> None:
         ({**GOOD, "data": {"kind": "file", "path": "does-not-exist.safetensors"}, "routing": {"kind": "kmeans"}},
          "data.path: file"),
         ({**GOOD, "data": {"kind": "file"}, "routing": {"kind": "kmeans"}}, "data.path is required"),
+        (_with("data", path="x.safetensors"), "data.path is only used when data.kind is 'file'; remove it"),
+        ({**GOOD, "data": {"kind": "file", "path": "x.safetensors", "n": 2}, "routing": {"kind": "kmeans"}},
+         "data.n is only used when data.kind is 'grid'; remove it"),
     ],
 )
 def test_bad_configs_name_the_key(raw: dict, message: str) -> None:

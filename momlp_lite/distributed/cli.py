@@ -1,26 +1,24 @@
-"""The ``momlp-train`` / ``python -m momlp_lite.distributed CONFIG`` command, alone or under torchrun.
-
-Taught in: book/distributed_training. Every error a user can cause (config, data, arguments,
-output folder, a failed expert) ends the command with exit code 2 (1 for a failed expert) and one
-line ``error: …`` on stderr, never a traceback.
+"""``momlp-train`` / ``python -m momlp_lite.distributed CONFIG``, alone or under torchrun. An error a user can cause
+ends it with exit code 2 (1 for a failed expert) and one line ``error: …`` on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from .config import ConfigError, load_run_config
-from .train import check_training_data, load_training_data, run
+from .train import load_training_data, run
 from .workers import env_int, parse_shard
 
-__all__ = ["main", "parse_device"]
-
-_DEVICE_TYPES = ("cpu", "cuda", "mps")
+__all__ = ["main"]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,21 +41,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_device(text: str | None) -> str | None:
-    """Check a ``--device`` value: ``cpu``, ``cuda``, ``cuda:<index>`` or ``mps`` (``ValueError`` otherwise).
-    Taught in: book/distributed_training.
-    """
-    if text is None:
-        return None
-    kind, _, index = text.partition(":")
-    if kind not in _DEVICE_TYPES or (index and (not index.isdigit() or kind == "cpu")):
+def _check_device(text: str | None) -> str | None:
+    kind, _, index = ("cpu" if text is None else text).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (not index.isdigit() or kind == "cpu")):
         raise ValueError(f"--device must be cpu, cuda, cuda:<index> or mps, got {text!r}")
     return text
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
     out: dict[str, Any] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -69,42 +60,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             first = str(err).splitlines()[0]
             raise ConfigError(f"--set {item!r}: the value {value!r} is not valid YAML ({first}); quote it") from None
     if args.output is not None:
-        out["run.output_dir"] = _check_output(args.output)
+        out["run.output_dir"] = args.output
     return out
 
 
-def _check_output(text: str) -> str:
-    """``--output`` must name a folder this process can create or write into."""
+def _check_output(text: str) -> None:
+    """The output folder must be one this process can create or write into."""
     if not text.strip():
         raise ValueError(f"--output must name a folder, got {text!r}; pass a path or drop --output")
-    path = Path(text)
-    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    probe = next((p for p in (Path(text), *Path(text).parents) if p.exists()), Path("."))
     if not probe.is_dir():
         raise ValueError(f"--output {text!r} cannot be a folder: {str(probe)!r} is a file; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"--output {text!r} is not writable ({str(probe)!r} is read-only); choose another path")
-    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; prints the run summary as one JSON line at the end (rank 0).
+    """Command-line entry point; rank 0 prints the run summary as one JSON line at the end.
     Taught in: book/distributed_training.
     """
     args = _parse_args(argv)
     try:
         cfg = load_run_config(args.config, profile=args.profile, overrides=_overrides(args))
         _check_output(cfg.run.output_dir)
-        device = parse_device(args.device)
+        device = _check_device(args.device)
         shard = parse_shard(args.shard) if args.shard else None
         if args.prepare and (shard is not None or env_int("WORLD_SIZE", 1) > 1):
             raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
         if args.check:
-            check_training_data(cfg, load_training_data(cfg)[0])
-            print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}))
+            load_training_data(cfg)
+            print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg)}))
             return 0
         summary = run(cfg, shard=shard, device=device, progress=not args.no_progress,
                       prepare_only=args.prepare, timeout_min=args.timeout_min)
-    except (ValueError, RuntimeError, OSError) as err:  # ConfigError and StoreError are ValueErrors: one line, no traceback
+    except (ValueError, RuntimeError, OSError) as err:  # ConfigError and StoreError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     if shard is None and env_int("RANK", 0) != 0:
@@ -116,5 +105,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               "check the data for NaN/inf or lower train.lr, then re-run", file=sys.stderr)
         return 1
     return 0 if summary.get("complete", True) or shard is not None else 1
-
-

@@ -1,11 +1,8 @@
-"""Who is this process in a run: a lone process, a torchrun rank (gloo or NCCL), or one task of a job array.
-
-Taught in: book/distributed_training.
-"""
+"""Who this process is in a run: a lone process, a torchrun rank (gloo or NCCL), or one task of a job array."""
 
 from __future__ import annotations
 
-import datetime as _dt
+import datetime
 import inspect
 import os
 import sys
@@ -17,19 +14,17 @@ import torch.distributed as dist
 
 from ..runtime import get_device
 
-__all__ = ["Workers", "shard_ids", "parse_shard", "start_workers", "stop_workers", "barrier", "torchrun_command",
-           "env_int", "SAFE_UNPICKLE"]
+__all__ = ["Workers", "shard_ids", "parse_shard", "start_workers", "torchrun_command"]
 
 # Object collectives pickle; where torch can, unpickle only tensors and plain containers.
-SAFE_UNPICKLE = {"weights_only": True} if "weights_only" in inspect.signature(dist.broadcast_object_list).parameters else {}
+_HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(dist.broadcast_object_list).parameters
+SAFE_UNPICKLE = {"weights_only": True} if _HAS_WEIGHTS_ONLY else {}
 
 
 @dataclass(frozen=True)
 class Workers:
-    """This process's place in the run: ``rank`` of ``world_size``, ``local_rank`` (picks the GPU), ``mode``
-    (``"single"``, ``"torchrun"`` with a process group, or ``"shard"``: ``--shard i/n``, no group), the group's
-    ``backend`` (``"nccl"``/``"gloo"``, torchrun only) and the ``device`` it trains on.
-    Taught in: book/distributed_training.
+    """This process's place in a run. ``mode`` is ``"single"``, ``"torchrun"`` (a process group whose ``backend`` is
+    nccl or gloo) or ``"shard"`` (``--shard i/n``, no group). Taught in: book/distributed_training.
     """
 
     rank: int
@@ -48,12 +43,26 @@ class Workers:
         """Whether collectives (barrier, broadcast) are available."""
         return self.mode == "torchrun"
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the tree, the summary and the manifest: rank 0, or every job-array task."""
+        return self.is_main or self.mode == "shard"
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op without a process group)."""
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index or 0])
+        elif self.grouped:
+            dist.barrier()
+
+    def stop(self) -> None:
+        """Tear down the process group, if this process has one."""
+        if self.grouped and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def shard_ids(ids: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """The share of ``ids`` that shard ``rank`` of ``world_size`` trains: ``ids[rank::world_size]``.
-
-    Round-robin keeps the shards within one expert of each other in size, and neighboring
-    leaves (often of similar size) land on different shards.
+    """``ids[rank::world_size]``: round robin keeps the shares within one expert of each other.
     Taught in: book/distributed_training.
     """
     if world_size < 1 or not 0 <= rank < world_size:
@@ -62,10 +71,9 @@ def shard_ids(ids: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """Parse ``"i/n"`` (shard ``i`` of ``n``, 0-based) as used by ``--shard``. Taught in: book/distributed_training."""
+    """Parse ``--shard I/N`` (shard ``I`` of ``N``, 0-based). Taught in: book/distributed_training."""
     try:
-        i_text, n_text = text.split("/")
-        i, n = int(i_text), int(n_text)
+        i, n = (int(part) for part in text.split("/"))
     except ValueError:
         raise ValueError(f"--shard must look like I/N (e.g. 3/16), got {text!r}") from None
     if n < 1 or not 0 <= i < n:
@@ -74,72 +82,45 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def env_int(name: str, default: int) -> int:
-    """An integer environment variable (``RANK``, ``WORLD_SIZE``...). Taught in: book/distributed_training."""
-    value = os.environ.get(name)
-    return default if value is None or value == "" else int(value)
+    """An integer environment variable (``RANK``, ``WORLD_SIZE``, ...); unset or empty gives ``default``."""
+    return int(os.environ.get(name) or default)
 
 
 def start_workers(shard: tuple[int, int] | None = None, device: str | None = None,
                   timeout_min: float = 24 * 60) -> Workers:
-    """Find out who this process is; under ``torchrun`` start the process group.
+    """Find out who this process is; under ``torchrun`` (``WORLD_SIZE`` set) start the process group.
 
-    Under ``torchrun`` (``WORLD_SIZE`` set in the environment) the group uses NCCL when CUDA is
-    available (each process on GPU ``LOCAL_RANK``) and gloo on CPU, or when more processes than
-    GPUs run on one machine (they then share GPUs round-robin). ``shard=(i, n)`` runs shard
-    ``i`` of ``n`` with no group. The group's ``timeout_min`` bounds how long the final barrier waits
-    for the slowest rank, so it must exceed the longest shard's training time.
-    Taught in: book/distributed_training.
+    The group uses NCCL when every local rank has its own GPU (``LOCAL_RANK``), else gloo. ``timeout_min`` bounds the
+    wait for the slowest rank at the final barrier. Taught in: book/distributed_training.
     """
     world = env_int("WORLD_SIZE", 1)
     if shard is not None:
         if world > 1:
             raise ValueError("--shard is for independent processes (job arrays); do not combine it with torchrun")
-        i, n = shard
-        return Workers(i, n, 0, "shard", None, get_device(device))
+        return Workers(shard[0], shard[1], 0, "shard", None, get_device(device))
     if world == 1 and not dist.is_initialized():
         return Workers(0, 1, 0, "single", None, get_device(device))
-    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
     wanted = get_device(device) if device else None
-    use_cuda = torch.cuda.is_available() and (wanted is None or wanted.type == "cuda")
-    if use_cuda:
+    if torch.cuda.is_available() and (wanted is None or wanted.type == "cuda"):
         gpus = torch.cuda.device_count()
         dev = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(dev)
-        # NCCL needs one GPU per rank; ranks sharing a GPU fall back to gloo, which is enough here:
-        # the group only carries a barrier and two small object collectives, never gradients.
+        # ranks sharing a GPU fall back to gloo: the group carries a barrier and two small objects, never gradients
         backend = "nccl" if env_int("LOCAL_WORLD_SIZE", 1) <= gpus else "gloo"
     else:
-        dev = wanted or torch.device("cpu")
-        backend = "gloo"
+        dev, backend = wanted or torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=timeout_min),
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=dev if backend == "nccl" else None)
     return Workers(dist.get_rank(), dist.get_world_size(), local_rank, "torchrun", backend, dev)
-
-
-def stop_workers(workers: Workers) -> None:
-    """Tear down the process group (if this process started one). Taught in: book/distributed_training."""
-    if workers.grouped and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(workers: Workers) -> None:
-    """Wait for every rank (no-op for a lone process). Taught in: book/distributed_training."""
-    if workers.grouped:
-        if workers.backend == "nccl":
-            dist.barrier(device_ids=[workers.device.index or 0])
-        else:
-            dist.barrier()
 
 
 def torchrun_command(config: str | os.PathLike[str], nproc_per_node: int = 2, *, nnodes: int | None = None,
                      rdzv_endpoint: str | None = None, rdzv_id: str = "momlp", max_restarts: int = 0,
                      extra_args: Sequence[str] = ()) -> list[str]:
-    """The ``torchrun`` command line (as a list) that trains ``config`` on several processes.
-
-    Without ``rdzv_endpoint`` it is a single-machine ``--standalone`` run; with it, every machine
-    runs the same command and they meet at ``host:port`` (c10d rendezvous).
-    Taught in: book/distributed_training.
+    """The ``torchrun`` command line that trains ``config``: ``--standalone`` on one machine, or, with
+    ``rdzv_endpoint`` (``host:port``), the same command on every machine. Taught in: book/distributed_training.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv_endpoint is None:
@@ -147,6 +128,5 @@ def torchrun_command(config: str | os.PathLike[str], nproc_per_node: int = 2, *,
     else:
         cmd += [f"--nnodes={nnodes or 1}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
                 f"--rdzv-id={rdzv_id}"]
-    cmd += [f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
+    return [*cmd, f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}",
             "-m", "momlp_lite.distributed", str(config), *extra_args]
-    return cmd
