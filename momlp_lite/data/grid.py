@@ -1,7 +1,6 @@
-"""Data: the regular grid on [a, b]^n with its seeded 80/20 split, Lipschitz targets, and image datasets.
+"""Data: the s^n vertices of the regular grid on [a, b]^n with a seeded 80/20 split, and Lipschitz targets.
 
-Kratsios et al. sample the s^n vertices of the regular grid on [a, b]^n and draw a random
-80% (train + validation) / 20% (test) split for each run; this module does exactly that.
+Taught in: book/momlp_grid_regression.
 """
 
 from __future__ import annotations
@@ -13,34 +12,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..runtime import check_positive_int
 
-__all__ = [
-    "Target",
-    "TARGETS",
-    "get_target",
-    "grid_points",
-    "GridData",
-    "make_grid_data",
-    "leaf_moments",
-]
+__all__ = ["Target", "TARGETS", "get_target", "grid_points", "GridData", "make_grid_data", "leaf_moments"]
 
 
 @dataclass(frozen=True)
 class Target:
-    """A Lipschitz target function f: R^n -> R.
-
-    Attributes
-    ----------
-    name : str
-        Short key used in ``TARGETS``.
-    fn : callable
-        Maps a ``[N, n]`` tensor to a ``[N]`` tensor.
-    lipschitz : callable
-        ``lipschitz(n)`` returns a Lipschitz constant (w.r.t. the Euclidean norm) in dimension n.
-    formula : str
-        The formula, for captions.
-    Taught in: book/momlp_grid_regression.
-    """
+    """A Lipschitz f: ``[N, n] -> [N]``; ``lipschitz(n)`` bounds its constant. Taught in: book/momlp_grid_regression."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
@@ -49,18 +28,6 @@ class Target:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
-
-
-def _distance(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x - 0.5, dim=-1)
-
-
-def _ridge(x: torch.Tensor) -> torch.Tensor:
-    return (x.sum(-1) - 0.5 * x.shape[-1]).abs()
-
-
-def _sine(x: torch.Tensor) -> torch.Tensor:
-    return torch.sin(2 * math.pi * x).sum(-1) / x.shape[-1]
 
 
 WEIERSTRASS_TERMS = 6
@@ -76,15 +43,12 @@ def _weierstrass(x: torch.Tensor) -> torch.Tensor:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in [
-        Target("distance", _distance, lambda n: 1.0, "‖x − ½·1‖₂"),
-        Target("ridge", _ridge, lambda n: math.sqrt(n), "|Σᵢ xᵢ − n/2|"),
-        Target("sine", _sine, lambda n: 2 * math.pi / math.sqrt(n), "(1/n) Σᵢ sin(2π xᵢ)"),
-        Target(
-            "weierstrass",
-            _weierstrass,
-            lambda n: math.pi * WEIERSTRASS_TERMS / math.sqrt(n),
-            f"(1/n) Σᵢ Σ_{{k<{WEIERSTRASS_TERMS}}} 2⁻ᵏ cos(2ᵏ π xᵢ)",
-        ),
+        Target("distance", lambda x: torch.linalg.vector_norm(x - 0.5, dim=-1), lambda n: 1.0, "‖x − ½·1‖₂"),
+        Target("ridge", lambda x: (x.sum(-1) - 0.5 * x.shape[-1]).abs(), math.sqrt, "|Σᵢ xᵢ − n/2|"),
+        Target("sine", lambda x: torch.sin(2 * math.pi * x).sum(-1) / x.shape[-1],
+               lambda n: 2 * math.pi / math.sqrt(n), "(1/n) Σᵢ sin(2π xᵢ)"),
+        Target("weierstrass", _weierstrass, lambda n: math.pi * WEIERSTRASS_TERMS / math.sqrt(n),
+               f"(1/n) Σᵢ Σ_{{k<{WEIERSTRASS_TERMS}}} 2⁻ᵏ cos(2ᵏ π xᵢ)"),
     ]
 }
 
@@ -97,38 +61,24 @@ def get_target(name: str) -> Target:
         raise ValueError(f"unknown target {name!r}: choose one of {sorted(TARGETS)}") from None
 
 
-def _check_box(n: int, a: float, b: float) -> None:
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"dimension n must be an integer >= 1, got {n!r}")
+def grid_points(n: int, s: int, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
+    """The s^n vertices of the grid on [a, b]^n, last axis fastest. Taught in: book/momlp_grid_regression."""
+    check_positive_int("dimension n", n)
     if not (math.isfinite(a) and math.isfinite(b)):
         raise ValueError(f"interval ends must be finite, got a={a}, b={b}")
     if not a < b:
         raise ValueError(f"interval must have a < b, got a={a}, b={b}; swap them")
-
-
-def grid_points(n: int, s: int, a: float = 0.0, b: float = 1.0) -> torch.Tensor:
-    """The s^n vertices of the regular grid on [a, b]^n, as a ``[s**n, n]`` float32 tensor.
-
-    Rows are in lexicographic order (last coordinate fastest).
-    Taught in: book/momlp_grid_regression.
-    """
-    _check_box(n, a, b)
     if not isinstance(s, (int, np.integer)) or s < 2:
         raise ValueError(f"points per axis s must be an integer >= 2, got {s!r}")
     if s**n > 50_000_000:
         raise ValueError(f"s**n = {s**n} grid points is too many; lower s={s} or n={n}")
     axis = torch.linspace(a, b, s)
-    mesh = torch.meshgrid(*([axis] * n), indexing="ij")
-    return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+    return torch.cartesian_prod(*([axis] * n)).reshape(-1, n)
 
 
 @dataclass
 class GridData:
-    """A seeded train/test split of grid samples ``(x, f(x))``.
-
-    ``x_*`` are ``[N, n]`` float32 tensors and ``y_*`` are ``[N, 1]``.
-    Taught in: book/momlp_grid_regression.
-    """
+    """Seeded train/test grid samples: ``x_* [N, n]`` float32, ``y_* [N, 1]``. Taught in: book/momlp_grid_regression."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -140,47 +90,25 @@ class GridData:
     a: float
     b: float
 
-    @property
-    def num_points(self) -> int:
-        return len(self.x_train) + len(self.x_test)
 
-
-def make_grid_data(
-    target: str | Target,
-    n: int,
-    s: int,
-    a: float = 0.0,
-    b: float = 1.0,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> GridData:
-    """Sample ``target`` on the s^n grid over [a, b]^n and split it at random (seeded).
-
-    The test set holds ``round(test_fraction * s**n)`` points; the rest is for training
-    (and validation, which the trainer carves out of it).
-    Taught in: book/momlp_grid_regression.
-    """
+def make_grid_data(target: str | Target, n: int, s: int, a: float = 0.0, b: float = 1.0,
+                   test_fraction: float = 0.2, seed: int = 0) -> GridData:
+    """``target`` on the s^n grid over [a, b]^n, split at random (seeded). Taught in: book/momlp_grid_regression."""
     tgt = get_target(target) if isinstance(target, str) else target
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     x = grid_points(n, s, a, b)
     y = tgt(x).reshape(-1, 1).to(torch.float32)
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(len(x), generator=gen)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))
     n_test = int(round(test_fraction * len(x)))
     if n_test < 1 or n_test >= len(x):
-        raise ValueError(
-            f"test_fraction={test_fraction} of {len(x)} points leaves an empty split; raise s"
-        )
+        raise ValueError(f"test_fraction={test_fraction} of {len(x)} points leaves an empty split; raise s")
     test, train = perm[:n_test], perm[n_test:]
     return GridData(x[train], y[train], x[test], y[test], tgt, int(n), int(s), float(a), float(b))
 
 
 def leaf_moments(v: torch.Tensor, leaf: torch.Tensor, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of ``v [N, d]`` per leaf, ``[L, d]`` each (std 1 where ~0 or undefined).
-
-    For training every expert on its leaf's standardized data. Taught in: book/momlp_grid_regression.
-    """
+    """Per-leaf mean and std ``[L, d]`` of ``v`` (std 1 where ~0 or empty). Taught in: book/momlp_grid_regression."""
     v, leaf = v.double(), torch.as_tensor(leaf).long()
     counts = torch.bincount(leaf, minlength=num_leaves).double()[:, None].clamp(min=1)
     mean = torch.zeros(num_leaves, v.shape[1], dtype=torch.float64).index_add_(0, leaf, v) / counts

@@ -1,12 +1,4 @@
-"""The Soft MoE experiments of Chung et al.: the ‖X‖₂ task (Theorem 1) and MNIST cut into 4 patches.
-
-* :func:`norm_task_batch`, :class:`SoftMoERegressor`, :func:`train_norm_task` — Appendix C: one Soft MoE
-  layer, then a fixed sum head, learning ``t(X) = ‖X‖₂``.
-* :func:`patchify`, :func:`mnist_tokens`, :class:`SoftMoEClassifier`, :func:`train_classifier`,
-  :func:`predict` — the authors' MNIST setup (4 tokens of 14×14 = 196 pixels, bias-free experts
-  ``196 → ⌊784/n⌋ → 196``, a bias-free linear head).
-* :func:`subset_masks`, :func:`oracle_correct` — Table 1's exhaustive best-subset oracle, batched.
-"""
+"""Chung et al.'s Soft MoE tasks: ‖X‖₂ (Theorem 1), MNIST as 4 patches, and Table 1's best-subset oracle."""
 
 from __future__ import annotations
 
@@ -22,19 +14,15 @@ from ..data.images import ImageSplit
 from ..runtime import check_positive_int
 from .layer import SoftMoE
 
-__all__ = ["norm_task_batch", "SoftMoERegressor", "train_norm_task", "MNIST_MEAN", "MNIST_STD", "patchify",
-           "mnist_tokens", "SoftMoEClassifier", "train_classifier", "predict", "subset_masks", "oracle_correct"]
+__all__ = ["norm_task_batch", "SoftMoERegressor", "train_norm_task", "MNIST_MEAN", "MNIST_STD", "mnist_tokens",
+           "SoftMoEClassifier", "train_classifier", "predict", "subset_masks", "oracle_correct"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-# ---------------------------------------------------------------------- Theorem 1: t(X) = ||X||_2
 def norm_task_batch(batch: int, tokens: int, token_dim: int, variance: float = 5.0,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X ~ N(0, variance·I)`` in ``ℝ^{tokens·token_dim}`` as ``[batch, tokens, token_dim]``, and ``‖X‖₂ [batch]``.
-
-    Taught in: book/softmoe_one_expert (``variance=5`` and ``variance=25`` are the two readings of N(0, 5I)).
-    """
+    """``X ~ N(0, variance·I)`` as ``[batch, tokens, token_dim]``, and ``‖X‖₂``. Taught in: book/softmoe_one_expert."""
     for name, value in dict(batch=batch, tokens=tokens, token_dim=token_dim).items():
         check_positive_int(name, value)
     if variance <= 0:
@@ -44,12 +32,7 @@ def norm_task_batch(batch: int, tokens: int, token_dim: int, variance: float = 5
 
 
 class SoftMoERegressor(nn.Module):
-    """One Soft MoE layer followed by a **fixed** sum head (no residual, no trainable head).
-
-    Experts are ``d → 10d/n → d`` without biases, so all experts hold ``20 d²`` weights for every ``n``
-    dividing ``10d`` (Appendix C of Chung et al.). The router is Definition 1's (``normalize="none"``) by
-    default. Taught in: book/softmoe_one_expert.
-    """
+    """A Soft MoE layer (experts ``d → 10d/n → d``), then a fixed sum head. Taught in: book/softmoe_one_expert."""
 
     def __init__(self, token_dim: int, num_experts: int, *, normalize: str = "none",
                  generator: torch.Generator | None = None):
@@ -61,17 +44,13 @@ class SoftMoERegressor(nn.Module):
                            generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Prediction ``[B]``: the sum of all output entries of the Soft MoE layer."""
         return self.moe(x).sum(dim=(1, 2))
 
 
 def train_norm_task(num_experts: int, tokens: int, token_dim: int, *, epochs: int = 500, batch: int = 10_000,
                     lr: float = 1e-3, variance: float = 5.0, normalize: str = "none", seed: int = 0,
                     device: torch.device | str = "cpu", progress: bool = True) -> tuple[SoftMoERegressor, list[float]]:
-    """Train :class:`SoftMoERegressor` on ``‖X‖₂``, one fresh batch per epoch (Adam, MSE).
-
-    Returns the model and the training loss of every epoch. Taught in: book/softmoe_one_expert.
-    """
+    """Train :class:`SoftMoERegressor` on ``‖X‖₂`` (Adam, MSE, new batches). Taught in: book/softmoe_one_expert."""
     gen = torch.Generator().manual_seed(seed)
     model = SoftMoERegressor(token_dim, num_experts, normalize=normalize, generator=gen).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -86,38 +65,18 @@ def train_norm_task(num_experts: int, tokens: int, token_dim: int, *, epochs: in
     return model, losses
 
 
-# ---------------------------------------------------------------------- MNIST as 4 patches
-def patchify(images: torch.Tensor, patch: int = 14) -> torch.Tensor:
-    """Cut ``[N, H, W]`` images into ``patch × patch`` tokens ``[N, (H/patch)(W/patch), patch²]``, row by row.
-
-    Taught in: book/softmoe_best_subset.
-    """
-    if images.dim() != 3 or images.shape[1] % patch or images.shape[2] % patch:
-        raise ValueError(f"images must be [N, H, W] with H and W multiples of {patch}, got {list(images.shape)}")
-    n, h, w = images.shape
-    t = images.reshape(n, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4)
-    return t.reshape(n, (h // patch) * (w // patch), patch * patch)
-
-
 def mnist_tokens(split: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MNIST :class:`~momlp_lite.data.images.ImageSplit` (uint8 ``[N, 1, 28, 28]``) as 4 tokens of 196 pixels.
-
-    Pixels are scaled to [0, 1] and normalized with MNIST's mean and std (0.1307, 0.3081), as in the authors'
-    code. Returns ``(x [N, 4, 196], labels [N])``. Taught in: book/softmoe_best_subset.
-    """
+    """An MNIST split as ``(x [N, 4, 196], labels)``, the authors' tokens. Taught in: book/softmoe_best_subset."""
     if not isinstance(split.images, torch.Tensor) or tuple(split.images.shape[1:]) != (1, 28, 28):
         raise ValueError("mnist_tokens needs an in-memory MNIST split of uint8 [N, 1, 28, 28] images, got "
                          f"{getattr(split.images, 'shape', type(split.images).__name__)}")
     x = (split.images[:, 0].to(torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
-    return patchify(x).contiguous(), split.labels
+    quarters = x.reshape(len(x), 2, 14, 2, 14).permute(0, 1, 3, 2, 4)  # [N, row, column, 14, 14]
+    return quarters.reshape(len(x), 4, 196).contiguous(), split.labels
 
 
 class SoftMoEClassifier(nn.Module):
-    """Patch tokens → one Soft MoE layer → flatten → bias-free linear head, as in the authors' MNIST code.
-
-    Experts ``196 → hidden → 196`` without biases, ``hidden = max(1, ⌊196·4/n⌋)`` (the authors' ``int()``), so
-    the experts hold about ``8·196² ≈ 307K`` weights (exactly for ``n ≤ 16``); ``Φ ~ U[-1, 1]``. ``normalize``:
-    ``"tokens"`` is the authors' router (``normalize_moe_input=True``), ``"none"`` raw logits ``XΦ``.
+    """The authors' MNIST model: tokens → Soft MoE (``Φ ~ U[-1, 1]``, ``⌊784/n⌋`` hidden) → linear head.
     Taught in: book/softmoe_best_subset.
     """
 
@@ -134,14 +93,11 @@ class SoftMoEClassifier(nn.Module):
             self.head.weight.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[B, num_classes]`` for patch tokens ``[B, tokens, dim]``."""
         return self.head(self.moe(x).flatten(1))
 
     def expert_logits(self, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-        """Each expert's share of the class logits, ``[B, n, num_classes]`` (computed ``chunk`` inputs at a time).
-
-        The head is linear without bias and Algorithm 1 does not renormalize ``C``, so the logits with a kept
-        subset ``S`` are exactly ``Σ_{j∈S}`` of these rows (all ``n`` rows give ``forward(x)``).
+        """Each expert's share ``[B, n, classes]`` of the logits: a kept subset's logits are the sum of its rows
+        (the head is linear and bias-free, and Algorithm 1 does not renormalize ``C``).
         """
         moe, out = self.moe, []
         for start in range(0, len(x), chunk):
@@ -157,11 +113,8 @@ class SoftMoEClassifier(nn.Module):
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch: int = 256,
                      lr: float = 1e-3, shuffle: bool = False, seed: int = 0, progress: bool = True,
                      desc: str = "training") -> list[float]:
-    """Adam + cross-entropy for ``epochs`` epochs of optimizer steps; the mean training loss of every epoch.
-
-    ``shuffle=False`` (default) visits the data in the same order every epoch, like the authors' loader. Their
-    loop also runs one epoch without any optimizer step first; it changes no weight, so it is not run here.
-    Taught in: book/softmoe_best_subset.
+    """Adam + cross-entropy for ``epochs`` epochs, unshuffled by default (the authors' loader); the epoch losses.
+    The authors' extra epoch 0 takes no optimizer step, so it is not run. Taught in: book/softmoe_best_subset.
     """
     check_positive_int("epochs", epochs)
     device = next(model.parameters()).device
@@ -172,8 +125,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
         order = torch.randperm(len(y), generator=gen) if shuffle else torch.arange(len(y))
         total = 0.0
-        for start in range(0, len(y), batch):
-            idx = order[start : start + batch]
+        for idx in order.split(batch):
             loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -189,12 +141,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tenso
     """Predicted classes ``[N]`` (eval mode, in chunks of ``batch``). Taught in: book/softmoe_best_subset."""
     device = next(model.parameters()).device
     model.eval()
-    return torch.cat([model(x[i : i + batch].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch)])
+    return torch.cat([model(xb.to(device)).argmax(dim=1).cpu() for xb in x.split(batch)])
 
 
-# ---------------------------------------------------------------------- Table 1: the exhaustive oracle
 def subset_masks(n: int, k: int) -> torch.Tensor:
-    """All ``C(n, k)`` subsets of ``k`` of ``n`` experts as 0/1 rows ``[C(n, k), n]``. Taught in: book/softmoe_best_subset."""
+    """All ``k``-subsets of ``n`` experts as 0/1 rows ``[C(n, k), n]``. Taught in: book/softmoe_best_subset."""
     check_positive_int("n", n)
     check_positive_int("k", k)
     if k > n:
@@ -205,14 +156,10 @@ def subset_masks(n: int, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def oracle_correct(expert_logits: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
-    """Table 1's oracle: ``[N]`` bool, True where **some** ``k``-subset of the experts predicts the label.
-
-    ``expert_logits [N, n, classes]`` as from :meth:`SoftMoEClassifier.expert_logits`; all subsets are scored at
-    once (one matmul per chunk of inputs). Taught in: book/softmoe_best_subset.
-    """
+    """Table 1's oracle: does **some** ``k``-subset predict the label? Taught in: book/softmoe_best_subset."""
     masks = subset_masks(expert_logits.shape[1], k).to(expert_logits)
     out = []
-    for start in range(0, len(labels), chunk):
-        logits = torch.einsum("sn,bnc->bsc", masks, expert_logits[start : start + chunk])  # [b, subsets, classes]
-        out.append((logits.argmax(dim=2) == labels[start : start + chunk, None].to(logits.device)).any(dim=1))
+    for part, lab in zip(expert_logits.split(chunk), labels.split(chunk)):
+        logits = torch.einsum("sn,bnc->bsc", masks, part)  # [b, subsets, classes]
+        out.append((logits.argmax(dim=2) == lab[:, None].to(logits.device)).any(dim=1))
     return torch.cat(out).cpu()
