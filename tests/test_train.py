@@ -130,7 +130,7 @@ def test_training_lowers_loss_and_restores_best():
     with torch.no_grad():
         pred = model.forward_routed(x[split.val_rows], leaf[split.val_rows])
     rows = per_expert_loss(pred[:, None], y[split.val_rows][:, None], "mse")
-    per = torch.zeros(4).index_add_(0, split.val_local, rows) / split.n_val
+    per = torch.zeros(4).index_add_(0, torch.repeat_interleave(torch.arange(4), split.n_val), rows) / split.n_val
     np.testing.assert_allclose(per.numpy(), best, rtol=1e-4)
     as_dict = res.to_dict()
     assert as_dict["expert_ids"] == [0, 1, 2, 3] and len(as_dict["val_loss"]) == len(res.eval_steps)

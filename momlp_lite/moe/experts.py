@@ -1,16 +1,11 @@
-"""Many experts as stacked weights, run with batched matmuls.
+"""Many MLP experts as stacked weights, run with batched matmuls (no loop over experts).
 
-:class:`StackedMLP` stores layer ``k`` of all ``L`` experts in one ``[L, in, out]`` tensor and runs them
-at once with ``torch.baddbmm``: :meth:`~StackedMLP.forward` takes lockstep batches ``[L, B, in]`` (row
-``l`` through expert ``l``: training), :meth:`~StackedMLP.forward_routed` one leaf id per row (inference:
-rows grouped by leaf, padded, run in bounded blocks, returned in input order). Expert ``l`` is exactly
-the ``nn.Sequential`` of :meth:`~StackedMLP.expert_module`. A stack may hold any subset of a model's
-experts (``expert_ids``). Taught in: book/momlp_grid_regression.
+Taught in: book/momlp_grid_regression.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,27 +14,19 @@ from torch import nn
 from ..runtime import check_positive_int
 from .sizes import dense_width_for_parameters, mlp_parameter_count
 
-__all__ = ["StackedMLP", "ExpertConfig"]
+__all__ = ["StackedMLP"]
 
-PRELU_INIT = 0.25  # nn.PReLU's default slope
 _ROUTED_BLOCK = 1 << 24  # upper bound on elements of one padded activation block in forward_routed
-
-ExpertConfig = dict[str, Any]  # n_in, width, hidden_layers, n_out, prelu, batchnorm, bn_eps, bn_momentum
 
 
 class StackedMLP(nn.Module):
-    """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out`` stored as stacked weights.
+    """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out``; layer ``k`` is one ``[L, in, out]``.
 
     ``prelu``: a learnable PReLU slope per expert and hidden layer (init 0.25), else ReLU; ``batchnorm``:
-    BatchNorm1d before each activation, per expert, with its own running statistics (``bn_eps``,
-    ``bn_momentum`` as in ``nn.BatchNorm1d``). ``expert_ids``: distinct global ids (default ``0..L-1``).
-    Initialization is ``nn.Linear``'s (uniform in ``±1/sqrt(fan_in)``), from ``generator``, or with
-    ``seed`` from ``(seed, expert id)`` alone, so a stack of any subset starts as the full stack would.
+    a BatchNorm1d per expert before each activation. ``expert_ids``: distinct global ids (default ``0..L-1``).
+    Initialization is ``nn.Linear``'s, from ``generator``, or with ``seed`` from ``(seed, expert id)`` alone,
+    so a stack of any subset starts as the full stack would. Expert ``l`` is exactly :meth:`expert_module`.
     Taught in: book/momlp_grid_regression.
-
-    >>> m = StackedMLP(4, n_in=2, width=8, hidden_layers=2, n_out=1)
-    >>> m(torch.zeros(4, 5, 2)).shape, m.forward_routed(torch.zeros(3, 2), torch.tensor([3, 0, 3])).shape
-    (torch.Size([4, 5, 1]), torch.Size([3, 1]))
     """
 
     def __init__(self, num_experts: int, n_in: int, width: int, hidden_layers: int, n_out: int = 1, *,
@@ -53,7 +40,8 @@ class StackedMLP(nn.Module):
         self.width = check_positive_int("width", width)
         self.hidden_layers = check_positive_int("hidden_layers", hidden_layers)
         self.n_out = check_positive_int("n_out", n_out)
-        self.prelu, self.batchnorm, self.bn_eps, self.bn_momentum = bool(prelu), bool(batchnorm), float(bn_eps), float(bn_momentum)
+        self.prelu, self.batchnorm = bool(prelu), bool(batchnorm)
+        self.bn_eps, self.bn_momentum = float(bn_eps), float(bn_momentum)
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
         ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
         if ids.numel() != L:
@@ -66,7 +54,7 @@ class StackedMLP(nn.Module):
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         shapes = list(zip(dims[:-1], dims[1:]))
         # nn.Linear's initialization: uniform in +-1/sqrt(fan_in) for weights and biases
-        init_device = generator.device if generator is not None else (torch.device("cpu") if seed is not None else device)
+        init_device = generator.device if generator is not None else ("cpu" if seed is not None else device)
         ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
         bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
         with torch.no_grad():
@@ -83,7 +71,7 @@ class StackedMLP(nn.Module):
         self.weights = nn.ParameterList(nn.Parameter(w.to(device)) for w in ws)
         self.biases = nn.ParameterList(nn.Parameter(b.to(device)) for b in bs)
         if self.prelu:
-            self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), PRELU_INIT, **factory))
+            self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), 0.25, **factory))  # nn.PReLU's default
         else:
             self.register_parameter("slopes", None)
         self.bn_weight = nn.ParameterList()
@@ -99,18 +87,17 @@ class StackedMLP(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        """Number of experts ``L`` in this stack. Taught in: book/momlp_grid_regression."""
         return int(self.weights[0].shape[0])
 
     @property
-    def config(self) -> ExpertConfig:
-        """The shape of one expert, to rebuild it with :meth:`from_expert_states`. Taught in: book/momlp_grid_regression."""
+    def config(self) -> dict[str, Any]:
+        """The shape of one expert: the keyword arguments that rebuild a stack like this one."""
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
 
     @property
     def parameters_per_expert(self) -> int:
-        """Trainable parameters of one expert (what one forward pass loads). Taught in: book/momlp_grid_regression."""
+        """Trainable parameters of one expert (what one forward pass loads)."""
         return mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out, self.prelu, self.batchnorm)
 
     def extra_repr(self) -> str:
@@ -118,12 +105,9 @@ class StackedMLP(nn.Module):
                 f"{self.n_out}, prelu={self.prelu}, batchnorm={self.batchnorm}")
 
     @classmethod
-    def dense_with_budget(cls, budget: int, n_in: int, hidden_layers: int, n_out: int = 1, **kwargs: Any) -> "StackedMLP":
-        """One dense MLP (a stack of one) with the largest width whose parameters fit ``budget``.
-
-        The equal-parameter baseline (``budget = L * experts.parameters_per_expert``), routed by
-        ``RoutingTree.single``. Taught in: book/momlp_grid_regression.
-        """
+    def dense_with_budget(cls, budget: int, n_in: int, hidden_layers: int, n_out: int = 1,
+                          **kwargs: Any) -> "StackedMLP":
+        """One dense MLP (a stack of one) of the largest width whose parameters fit ``budget``: the baseline."""
         width = dense_width_for_parameters(budget, n_in, hidden_layers, n_out, prelu=kwargs.get("prelu", True),
                                            batchnorm=kwargs.get("batchnorm", False))
         return cls(1, n_in, width, hidden_layers, n_out, **kwargs)
@@ -141,18 +125,19 @@ class StackedMLP(nn.Module):
                     entry["slope"] = pick(self.slopes[:, k])
                 if self.batchnorm:
                     entry.update(gamma=pick(self.bn_weight[k]), beta=pick(self.bn_bias[k]),
-                                 mean=pick(getattr(self, f"running_mean_{k}")), var=pick(getattr(self, f"running_var_{k}")))
+                                 mean=pick(getattr(self, f"running_mean_{k}")),
+                                 var=pick(getattr(self, f"running_var_{k}")))
             layers.append(entry)
         return layers
 
-    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]], k_update: bool) -> torch.Tensor:
-        """Run ``h [L', B, in]`` through the given layer tensors; update BN stats when ``k_update``."""
+    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]], update: bool) -> torch.Tensor:
+        """Run ``h [L', B, in]`` through the given layer tensors; update BN statistics when ``update``."""
         for k, p in enumerate(layers):
             h = torch.baddbmm(p["b"].unsqueeze(1), h, p["w"])
             if k == len(layers) - 1:
                 break
             if self.batchnorm:
-                h = self._batchnorm(h, k, p, k_update)
+                h = self._batchnorm(h, k, p, update)
             # PReLU: one fused kernel each way, with the experts as F.prelu's channel dimension
             h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0) if self.prelu else torch.relu(h)
         return h
@@ -177,10 +162,10 @@ class StackedMLP(nn.Module):
         return (h - mean[:, None, :]) * scale[:, None, :] + p["beta"].to(h.dtype)[:, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Lockstep forward: ``x [L, B, n_in] -> [L, B, n_out]``, row ``l`` through expert ``l``.
+        """Lockstep forward: ``x [L, B, n_in] -> [L, B, n_out]``, row ``l`` through expert ``l`` (training).
 
-        A ``[B, n_in]`` input is sent through every expert (``-> [L, B, n_out]``). In training mode
-        with BatchNorm each expert normalizes over its own ``B`` samples. Taught in: book/momlp_grid_regression.
+        A ``[B, n_in]`` input goes through every expert. With BatchNorm in training mode each expert
+        normalizes over its own ``B`` samples.
         """
         L = self.num_experts
         self._check_dtype(x)
@@ -191,7 +176,7 @@ class StackedMLP(nn.Module):
                              f"{tuple(x.shape)}; for one leaf id per row use forward_routed")
         if self.batchnorm and self.training:
             self.num_batches_tracked.add_(1)
-        return self._run(x, self._layer_tensors(None), k_update=True)
+        return self._run(x, self._layer_tensors(None), update=True)
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -202,14 +187,12 @@ class StackedMLP(nn.Module):
                              "(or build the experts with that dtype)")
 
     def local_index(self, leaf: torch.Tensor) -> torch.Tensor:
-        """Global expert ids -> rows of this stack (ValueError for ids it lacks). Taught in: book/momlp_grid_regression."""
+        """Global expert ids -> rows of this stack (ValueError for ids it lacks)."""
         leaf = torch.as_tensor(leaf, device=self.expert_ids.device).long()
         ids = self.expert_ids
         table = torch.full((int(ids.max()) + 2,), -1, dtype=torch.long, device=ids.device)
         table[ids] = torch.arange(len(ids), device=ids.device)
-        # ids outside [0, max id] look up the table's last entry, which is always -1
-        inside = (leaf >= 0) & (leaf < len(table))
-        local = table[torch.where(inside, leaf, torch.full_like(leaf, len(table) - 1))]
+        local = table[leaf.clamp(-1, len(table) - 1)]  # ids outside [0, max id] read an entry that is -1
         if leaf.numel() and bool((local < 0).any()):
             missing = torch.unique(leaf[local < 0])[:10].tolist()
             raise ValueError(f"leaf ids {missing} name experts this stack does not hold (it holds {len(ids)} "
@@ -218,14 +201,12 @@ class StackedMLP(nn.Module):
         return local
 
     def forward_routed(self, x: torch.Tensor, leaf: torch.Tensor, max_block: int = _ROUTED_BLOCK) -> torch.Tensor:
-        """Routed forward: row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id).
+        """Routed forward (inference): row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id).
 
-        Returns ``[N, n_out]`` in the input order. Rows are grouped by leaf (one sort), padded to
-        ``[L', rows, n_in]`` and run with batched matmuls in blocks of at most ``max_block``
-        activation elements — no loop over experts. ``L'`` is the number of experts that received
-        rows when that is at most half the stack (their weights are gathered), else all experts.
-        Training-mode BatchNorm is refused (padding would enter the statistics): call ``.eval()``
-        or train with :meth:`forward`. Taught in: book/momlp_grid_regression.
+        Returns ``[N, n_out]`` in input order. Rows are grouped by leaf (one sort), padded to
+        ``[L', rows, n_in]`` and run in blocks of at most ``max_block`` activation elements; ``L'`` is the
+        number of experts hit when that is at most half the stack (their weights are gathered), else all.
+        Training-mode BatchNorm is refused: call ``.eval()`` or train with :meth:`forward`.
         """
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"forward_routed expects x of shape [N, {self.n_in}], got {tuple(x.shape)}")
@@ -240,28 +221,23 @@ class StackedMLP(nn.Module):
             return out
         local = self.local_index(leaf)
         order = torch.argsort(local, stable=True)
-        sorted_local = local[order]
-        present, counts = torch.unique_consecutive(sorted_local, return_counts=True)
-        group = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(len(order), device=x.device) - starts[group]
+        present, group, counts = torch.unique_consecutive(local[order], return_inverse=True, return_counts=True)
+        pos = torch.arange(len(order), device=x.device) - (torch.cumsum(counts, 0) - counts)[group]
         # few experts hit: gather just their weights; most hit: run all (a weight copy would cost more)
         compact = 2 * len(present) <= self.num_experts
         layers = self._layer_tensors(present if compact else None)
         rows = len(present) if compact else self.num_experts
         if not compact:
-            group = sorted_local
+            group = local[order]
         max_count = int(counts.max())
-        widest = max(self.n_in, self.width, self.n_out)
-        chunk = max(1, min(max_count, max_block // max(1, rows * widest)))
+        chunk = max(1, min(max_count, max_block // max(1, rows * max(self.n_in, self.width, self.n_out))))
         x_sorted = x[order]
         y_sorted = out.new_empty(len(order), self.n_out)
         for lo in range(0, max_count, chunk):  # loop over row blocks, not experts
-            hi = min(lo + chunk, max_count)
-            sel = (pos >= lo) & (pos < hi)
-            padded = x.new_zeros(rows, hi - lo, self.n_in)
+            sel = (pos >= lo) & (pos < lo + chunk)
+            padded = x.new_zeros(rows, min(chunk, max_count - lo), self.n_in)
             padded[group[sel], pos[sel] - lo] = x_sorted[sel]
-            y = self._run(padded, layers, k_update=False)
+            y = self._run(padded, layers, update=False)
             y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)
         out[order] = y_sorted
         return out
@@ -271,7 +247,7 @@ class StackedMLP(nn.Module):
         """Fold per-expert standardization into the first and last layers (no extra parameters).
 
         Expert ``l`` then computes ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]``
-        on raw ``x``; shapes ``[L, n_in]`` / ``[L, n_out]`` or broadcastable. Taught in: book/momlp_grid_regression.
+        on raw ``x``; shapes ``[L, n_in]`` / ``[L, n_out]`` or broadcastable.
         """
         with torch.no_grad():
             w0, b0 = self.weights[0], self.biases[0]
@@ -290,62 +266,33 @@ class StackedMLP(nn.Module):
         return self
 
     def _stacked_state(self) -> dict[str, torch.Tensor]:
-        """state_dict entries with a leading expert dimension (all but ``expert_ids``)."""
+        """state_dict entries with a leading expert dimension (all but ``expert_ids``); they share storage."""
         return {k: v for k, v in self.state_dict().items() if k != "expert_ids"}
 
     def expert_state(self, expert_id: int) -> dict[str, torch.Tensor]:
-        """The tensors of one expert (global id), cloned, without the expert dimension: one file per expert
-        (rebuild with :meth:`from_expert_states`). Taught in: book/serving_one_expert."""
+        """The tensors of one expert (global id), cloned, without the expert dimension: one file per expert."""
         row = int(self.local_index(torch.tensor([expert_id]))[0])
         return {k: v[row].detach().clone() for k, v in self._stacked_state().items()}
 
-    @classmethod
-    def from_expert_states(cls, states: Sequence[Mapping[str, torch.Tensor]], config: ExpertConfig,
-                           expert_ids: Sequence[int] | torch.Tensor | None = None,
-                           device: torch.device | str | None = None) -> "StackedMLP":
-        """Build a stack from per-expert states (:meth:`expert_state`); ValueError if keys do not match ``config``.
-        Taught in: book/momlp_grid_regression."""
-        if len(states) == 0:
-            raise ValueError("from_expert_states needs at least one expert state, got none")
-        dtype = next(iter(states[0].values())).dtype
-        dtype = dtype if dtype.is_floating_point else None
-        stack = cls(len(states), expert_ids=expert_ids, device=device, dtype=dtype, **config)
-        want = stack._stacked_state()
-        for i, st in enumerate(states):
-            if set(st) != set(want):
-                raise ValueError(f"expert state {i} has keys {sorted(st)} but this config needs {sorted(want)}")
-        stacked = {k: torch.stack([st[k] for st in states]) for k in want}
-        stack.load_state_dict({**stacked, "expert_ids": stack.expert_ids}, strict=True)
-        return stack
-
     def subset(self, expert_ids: Sequence[int] | torch.Tensor) -> "StackedMLP":
-        """A new stack with copies of the experts with these global ids, in order. Taught in: book/momlp_grid_regression."""
+        """A new stack with copies of the experts with these global ids, in this order."""
         ids = torch.as_tensor(expert_ids, dtype=torch.long).flatten()
         rows = self.local_index(ids)
-        dev = self.weights[0].device
-        stack = type(self)(len(ids), expert_ids=ids, device=dev, dtype=self.weights[0].dtype, **self.config)
-        with torch.no_grad():
-            for k, v in self._stacked_state().items():
-                stack._stacked_tensor(k).copy_(v.index_select(0, rows.to(v.device)))
-        stack.train(self.training)
-        return stack
+        stack = type(self)(len(ids), expert_ids=ids, device=self.weights[0].device, dtype=self.weights[0].dtype,
+                           **self.config)
+        stack.load_state_dict({k: v.index_select(0, rows.to(v.device)) for k, v in self.state_dict().items()})
+        return stack.train(self.training)
 
     def load_experts_(self, other: "StackedMLP") -> "StackedMLP":
-        """Copy every expert of ``other`` into this stack's rows of the same ids. Taught in: book/momlp_grid_regression."""
+        """Copy every expert of ``other`` into this stack's rows of the same ids."""
         if other.config != self.config:
             raise ValueError(f"cannot load experts of shape {other.config} into a stack of shape {self.config}")
         rows = self.local_index(other.expert_ids.to(self.expert_ids.device))
+        mine = self._stacked_state()
         with torch.no_grad():
             for k, v in other._stacked_state().items():
-                (dst := self._stacked_tensor(k)).index_copy_(0, rows.to(dst.device), v.to(dst.device, dst.dtype))
+                mine[k].index_copy_(0, rows.to(mine[k].device), v.to(mine[k].device, mine[k].dtype))
         return self
-
-    def _stacked_tensor(self, key: str) -> torch.Tensor:
-        """The live parameter/buffer behind a state_dict key."""
-        obj: Any = self
-        for part in key.split("."):
-            obj = obj[int(part)] if isinstance(obj, nn.ParameterList) else getattr(obj, part)
-        return obj
 
     def _module_layout(self) -> list[tuple[str, str, Any]]:
         """``(nn.Sequential key, stacked key, how)``: how is ``"T"`` (transpose), a slope column, or ``None``."""
@@ -367,10 +314,7 @@ class StackedMLP(nn.Module):
         return out
 
     def expert_module(self, expert_id: int) -> nn.Sequential:
-        """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies).
-
-        It computes exactly what this stack computes for that expert. Taught in: book/momlp_grid_regression.
-        """
+        """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies)."""
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         mods: list[nn.Module] = []
         for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -386,13 +330,15 @@ class StackedMLP(nn.Module):
         return seq
 
     def load_expert_module_(self, expert_id: int, module: nn.Sequential) -> "StackedMLP":
-        """Write an :meth:`expert_module` back into row ``expert_id``. Taught in: book/momlp_grid_regression."""
+        """Write an :meth:`expert_module` back into row ``expert_id``."""
         row = int(self.local_index(torch.tensor([expert_id]))[0])
-        sd, layout = module.state_dict(), self._module_layout()
+        sd, layout, mine = module.state_dict(), self._module_layout(), self._stacked_state()
         if set(sd) != {a for a, _, _ in layout}:
             raise ValueError("module does not have this stack's layout; build it with expert_module()")
         with torch.no_grad():
             for a, b, how in layout:
-                dst, v = self._stacked_tensor(b), sd[a]
-                dst[(row, how) if isinstance(how, int) else row] = v.T if how == "T" else v.reshape(()) if isinstance(how, int) else v
+                if isinstance(how, int):  # a PReLU slope: one entry of the [L, hidden_layers] slopes
+                    mine[b][row, how] = sd[a].reshape(())
+                else:
+                    mine[b][row] = sd[a].T if how == "T" else sd[a]
         return self
