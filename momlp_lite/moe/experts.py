@@ -57,17 +57,14 @@ class StackedMLP(nn.Module):
         init_device = generator.device if generator is not None else ("cpu" if seed is not None else device)
         ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
         bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
+        # one generator for the whole stack, or with seed one per expert (initialization only, not a hot path)
+        gens = [(slice(None), generator)] if seed is None else [
+            (j, torch.Generator().manual_seed(int(seed) * 1_000_003 + e)) for j, e in enumerate(ids.tolist())]
         with torch.no_grad():
-            if seed is None:
+            for rows, g in gens:
                 for (fan_in, _), w, b in zip(shapes, ws, bs):
-                    w.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
-                    b.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
-            else:  # initialization only (not a hot path): expert e's numbers depend on (seed, e) alone
-                for j, e in enumerate(ids.tolist()):
-                    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
-                    for (fan_in, _), w, b in zip(shapes, ws, bs):
-                        w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
-                        b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                    w[rows].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                    b[rows].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
         self.weights = nn.ParameterList(nn.Parameter(w.to(device)) for w in ws)
         self.biases = nn.ParameterList(nn.Parameter(b.to(device)) for b in bs)
         if self.prelu:
@@ -84,21 +81,15 @@ class StackedMLP(nn.Module):
                 self.register_buffer(f"running_var_{k}", torch.ones(L, self.width, **factory))
             self.register_buffer("num_batches_tracked", torch.zeros(L, dtype=torch.long, device=device))
         self.register_buffer("expert_ids", ids.to(device))
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.weights[0].shape[0])
+        self.num_experts = L
+        self.parameters_per_expert = mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out,
+                                                         self.prelu, self.batchnorm)  # what one forward loads
 
     @property
     def config(self) -> dict[str, Any]:
         """The shape of one expert: the keyword arguments that rebuild a stack like this one."""
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
-
-    @property
-    def parameters_per_expert(self) -> int:
-        """Trainable parameters of one expert (what one forward pass loads)."""
-        return mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out, self.prelu, self.batchnorm)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, {self.n_in} -> {self.width} x {self.hidden_layers} -> "
@@ -294,24 +285,24 @@ class StackedMLP(nn.Module):
                 mine[k].index_copy_(0, rows.to(mine[k].device), v.to(mine[k].device, mine[k].dtype))
         return self
 
-    def _module_layout(self) -> list[tuple[str, str, Any]]:
-        """``(nn.Sequential key, stacked key, how)``: how is ``"T"`` (transpose), a slope column, or ``None``."""
-        out: list[tuple[str, str, Any]] = []
-        i = 0
+    def _pairs(self, module: nn.Sequential, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(view of this stack's row, the same tensor of an expert_module)`` for every parameter and buffer."""
+        st, layers, pairs = self.state_dict(), iter(module), []  # state_dict tensors share the storage
         for k in range(len(self.weights)):
-            out += [(f"{i}.weight", f"weights.{k}", "T"), (f"{i}.bias", f"biases.{k}", None)]
-            i += 1
+            linear = next(layers)
+            pairs += [(st[f"weights.{k}"][row].T, linear.weight), (st[f"biases.{k}"][row], linear.bias)]
             if k == self.hidden_layers:
-                break
+                return pairs
             if self.batchnorm:
-                out += [(f"{i}.{a}", b, None) for a, b in (
-                    ("weight", f"bn_weight.{k}"), ("bias", f"bn_bias.{k}"), ("running_mean", f"running_mean_{k}"),
-                    ("running_var", f"running_var_{k}"), ("num_batches_tracked", "num_batches_tracked"))]
-                i += 1
+                bn = next(layers)
+                pairs += [(st[f"bn_weight.{k}"][row], bn.weight), (st[f"bn_bias.{k}"][row], bn.bias),
+                          (st[f"running_mean_{k}"][row], bn.running_mean),
+                          (st[f"running_var_{k}"][row], bn.running_var),
+                          (st["num_batches_tracked"][row], bn.num_batches_tracked)]
+            activation = next(layers)
             if self.prelu:
-                out.append((f"{i}.weight", "slopes", k))
-            i += 1
-        return out
+                pairs.append((st["slopes"][row, k : k + 1], activation.weight))
+        return pairs
 
     def expert_module(self, expert_id: int) -> nn.Sequential:
         """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies)."""
@@ -324,21 +315,17 @@ class StackedMLP(nn.Module):
                     mods.append(nn.BatchNorm1d(b, eps=self.bn_eps, momentum=self.bn_momentum))
                 mods.append(nn.PReLU() if self.prelu else nn.ReLU())
         seq = nn.Sequential(*mods).to(self.weights[0].device, self.weights[0].dtype)
-        st = self.expert_state(expert_id)
-        seq.load_state_dict({a: st[b].T if how == "T" else st[b][how].reshape(1) if isinstance(how, int) else st[b]
-                             for a, b, how in self._module_layout()})
+        with torch.no_grad():
+            for mine, theirs in self._pairs(seq, int(self.local_index(torch.tensor([expert_id]))[0])):
+                theirs.copy_(mine)
         return seq
 
     def load_expert_module_(self, expert_id: int, module: nn.Sequential) -> "StackedMLP":
         """Write an :meth:`expert_module` back into row ``expert_id``."""
-        row = int(self.local_index(torch.tensor([expert_id]))[0])
-        sd, layout, mine = module.state_dict(), self._module_layout(), self._stacked_state()
-        if set(sd) != {a for a, _, _ in layout}:
+        want = {k: v.shape for k, v in self.expert_module(expert_id).state_dict().items()}
+        if {k: v.shape for k, v in module.state_dict().items()} != want:
             raise ValueError("module does not have this stack's layout; build it with expert_module()")
         with torch.no_grad():
-            for a, b, how in layout:
-                if isinstance(how, int):  # a PReLU slope: one entry of the [L, hidden_layers] slopes
-                    mine[b][row, how] = sd[a].reshape(())
-                else:
-                    mine[b][row] = sd[a].T if how == "T" else sd[a]
+            for mine, theirs in self._pairs(module, int(self.local_index(torch.tensor([expert_id]))[0])):
+                mine.copy_(theirs)
         return self

@@ -52,31 +52,37 @@ class RoutingTree:
     Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`. ``keys[l]`` (finite, shape
     ``[B**l, B, n]``) holds the keys of the ``B`` children of each node of level ``l``; no keys is the
     one-leaf tree and needs ``n``. ``bounds`` and ``axis_branching`` describe a regular tree's box.
+    ``leaf_keys [num_leaves, n]`` are the keys in leaf order (the origin for the one-leaf tree);
+    ``path_parameter_count`` counts the key coordinates read to route one point, ``parameter_count`` all.
     Taught in: book/routing_trees.
     """
 
     def __init__(self, keys: Sequence[torch.Tensor], kind: str = "custom", bounds: tuple[float, float] | None = None,
                  axis_branching: tuple[int, ...] | None = None, n: int | None = None) -> None:
-        if len(keys) == 0:
+        self.keys = [k.detach().to(torch.float32).contiguous() for k in keys]
+        if not self.keys:
             if n is None:
                 raise ValueError("a tree without keys (one leaf) needs its dimension: "
                                  "pass n, or use RoutingTree.single(n)")
-            self.n = check_positive_int("dimension n", n)
+            self.n, self.branching = check_positive_int("dimension n", n), 1
+        elif self.keys[0].ndim != 3 or self.keys[0].shape[0] != 1:
+            raise ValueError(f"keys[0] must have shape [1, B, n], got {tuple(self.keys[0].shape)}")
         else:
-            if keys[0].ndim != 3 or keys[0].shape[0] != 1:
-                raise ValueError(f"keys[0] must have shape [1, B, n], got {tuple(keys[0].shape)}")
-            b, self.n = keys[0].shape[1], int(keys[0].shape[2])
+            self.branching, self.n = int(self.keys[0].shape[1]), int(self.keys[0].shape[2])
             if n is not None and n != self.n:
                 raise ValueError(f"n={n} does not match the keys' dimension {self.n}")
-            for level, k in enumerate(keys):
-                if tuple(k.shape) != (b**level, b, self.n):
-                    raise ValueError(f"keys[{level}] must have shape {(b**level, b, self.n)}, got {tuple(k.shape)}")
-        self.keys = [k.detach().to(torch.float32).contiguous() for k in keys]
         for level, k in enumerate(self.keys):
+            want = (self.branching**level, self.branching, self.n)
+            if tuple(k.shape) != want:
+                raise ValueError(f"keys[{level}] must have shape {want}, got {tuple(k.shape)}")
             if not bool(torch.isfinite(k).all()):
                 raise ValueError(f"keys[{level}] holds NaN or infinite values (after the cast to float32); "
                                  "every key must be a finite point")
         self.kind, self.bounds, self.axis_branching = kind, bounds, axis_branching
+        self.depth, self.num_leaves = len(self.keys), self.branching ** len(self.keys)
+        self.leaf_keys = self.keys[-1].reshape(-1, self.n) if self.keys else torch.zeros(1, self.n)
+        self.path_parameter_count = self.depth * self.branching * self.n
+        self.parameter_count = sum(k.numel() for k in self.keys)
         self._device_keys: dict[torch.device, list[torch.Tensor]] = {}
 
     @classmethod
@@ -145,34 +151,6 @@ class RoutingTree:
             node = node * big_b + _nearest(pts, k, node)
             parent_keys = k.reshape(-1, n)
         return cls([k.cpu() for k in keys], kind="kmeans")
-
-    @property
-    def depth(self) -> int:
-        return len(self.keys)
-
-    @property
-    def branching(self) -> int:
-        """Children per internal node (1 for the one-leaf tree)."""
-        return int(self.keys[0].shape[1]) if self.keys else 1
-
-    @property
-    def num_leaves(self) -> int:
-        return self.branching**self.depth
-
-    @property
-    def leaf_keys(self) -> torch.Tensor:
-        """``[num_leaves, n]``: the key of every leaf, in leaf order (the origin for the one-leaf tree)."""
-        return self.keys[-1].reshape(-1, self.n) if self.keys else torch.zeros(1, self.n)
-
-    @property
-    def path_parameter_count(self) -> int:
-        """Key coordinates read while routing one point: ``depth * B * n``."""
-        return self.depth * self.branching * self.n
-
-    @property
-    def parameter_count(self) -> int:
-        """All key coordinates stored in the tree."""
-        return sum(k.numel() for k in self.keys)
 
     def __repr__(self) -> str:
         extra = f", bounds={self.bounds}, axis_branching={self.axis_branching}" if self.bounds else ""
