@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from momlp_lite.moe.experts import StackedMLP
-from momlp_lite.moe.fast import FastOptions, FastStep, train_experts_fast
+from momlp_lite.moe.fast import FastOptions, FastStep
 from momlp_lite.moe.order import LockstepSampler, split_by_leaf
 from momlp_lite.moe.reference import train_experts_serial
 from momlp_lite.moe.routing import RoutingTree
@@ -211,7 +211,8 @@ def test_gpu_levers_are_safe_on_cpu():
     x, y, leaf = regression_data(n=300, L=3)
     model = StackedMLP(3, 2, 8, 2, 1, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(batch_size=16, max_steps=40, eval_every=20, lr=3e-3, progress=False, device="cpu")
-    res = train_experts_fast(model, x, y, leaf, cfg, FastOptions(bf16=True, cuda_graph=True, compile=True))
+    opts = FastOptions(bf16=True, cuda_graph=True, compile=True)
+    res = train_experts(model, x, y, leaf, cfg, make_step=lambda net, cfg: FastStep(net, cfg, opts))
     assert np.all(res.best_val < res.val_loss[0])
     assert model.weights[0].dtype == torch.float32  # fp32 master weights
 

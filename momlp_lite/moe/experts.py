@@ -1,7 +1,4 @@
-"""Many MLP experts as stacked weights, run with batched matmuls (no loop over experts).
-
-Taught in: book/momlp_grid_regression.
-"""
+"""Many MLP experts as stacked weights, run with batched matmuls. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 

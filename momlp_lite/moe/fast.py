@@ -1,19 +1,18 @@
-"""The opt-in fast path of the lockstep trainer, off the reading path: fused Adam, bf16 autocast (fp32 master weights),
-``torch.compile`` and CUDA graphs; CUDA-only levers are ignored elsewhere. Taught in: book/momlp_grid_regression.
-"""
+"""The opt-in fast path of the lockstep trainer: fused Adam, bf16 autocast (fp32 master weights), ``torch.compile``,
+CUDA graphs; CUDA-only levers are ignored elsewhere. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .experts import StackedMLP
-from .trainer import TrainConfig, TrainResult, make_optimizer, per_expert_loss, train_experts
+from .trainer import TrainConfig, make_optimizer, per_expert_loss
 
-__all__ = ["FastOptions", "FastStep", "train_experts_fast"]
+__all__ = ["FastOptions", "FastStep"]
 
 
 @dataclass(frozen=True)
@@ -28,10 +27,9 @@ class FastOptions:
 
 
 class FastStep:
-    """``LockstepStep`` with the levers of ``options``: ``step(xb [L, B, in], yb) -> losses [L]``.
-
-    A CUDA graph records the whole step on the first call, after warm-up steps whose effect is undone.
-    Taught in: book/momlp_grid_regression.
+    """``LockstepStep`` with the levers of ``options``; train with it by ``train_experts(..., make_step=lambda net,
+    cfg: FastStep(net, cfg, options))``. A CUDA graph records the whole step on the first call, after warm-up
+    steps whose effect is undone. Taught in: book/momlp_grid_regression.
     """
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig, options: FastOptions = FastOptions(),
@@ -94,9 +92,3 @@ class FastStep:
         with torch.cuda.graph(self._graph):
             self._losses = self._eager_step(self._x, self._y)
 
-
-def train_experts_fast(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
-                       config: TrainConfig | None = None, options: FastOptions = FastOptions(),
-                       expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
-    """``train_experts`` with :class:`FastStep` (same loop, same records). Taught in: book/momlp_grid_regression."""
-    return train_experts(model, x, y, leaf, config, expert_ids, make_step=lambda net, cfg: FastStep(net, cfg, options))

@@ -1,6 +1,5 @@
 """The data order of Algorithm 2, shared by the lockstep trainer and its serial reference: counter-based hashes, so
-an expert sees the same split and samples whichever experts train with it. Taught in: book/momlp_grid_regression.
-"""
+an expert sees the same split and samples whichever experts train with it. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LeafSplit", "split_by_leaf", "LockstepSampler"]
+__all__ = ["split_by_leaf", "LockstepSampler"]
 
 _MASK32 = 0xFFFFFFFF
 _SALT_VAL = 0x5EED0001

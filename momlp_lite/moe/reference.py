@@ -1,8 +1,5 @@
-"""The plain reference for Algorithm 2: one ``nn.Sequential`` and one optimizer per expert, one after another.
-
-It shares only the data order and the checks of ``plan_training`` with the lockstep trainer, so the test
-"lockstep == serial" checks the lockstep loop itself. Slow by design. Taught in: book/momlp_grid_regression.
-"""
+"""The plain reference for Algorithm 2, sharing only the data order (and the checks) with the lockstep trainer, so
+"lockstep == serial" tests the lockstep loop itself. Slow by design. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Routing trees: every input descends, level by level, to the nearest child key and ends in one leaf (an expert).
-
-Taught in: book/routing_trees.
-"""
+"""Routing trees: a point descends level by level to the nearest child key, to a leaf. Taught in: book/routing_trees."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Parameter counts of MLPs and the dense width that matches a parameter budget.
-
-Taught in: book/momlp_grid_regression (the equal-parameter baseline).
-"""
+"""Parameter counts of MLPs and the dense width that matches a budget. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Algorithm 2 in lockstep: each expert trains only on its own leaf's data, all experts in one batched step per step.
-
-Taught in: book/momlp_grid_regression.
-"""
+"""Algorithm 2 in lockstep: all experts train at once, each on its own leaf. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -223,7 +220,7 @@ def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
+def _validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
                     loss: str) -> torch.Tensor:
     """Mean validation loss per expert (NaN without validation rows) from :func:`_padded` rows.
 
@@ -272,8 +269,8 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
     t0 = time.perf_counter()
     with tqdm(total=steps, desc=f"lockstep x{L} experts", disable=not cfg.progress, leave=False) as bar:
         while True:
-            if step == 0 or step % every == 0 or step == steps:                   # evaluate
-                val = validation_loss(net, x_va, y_va, s.n_val, cfg.loss)
+            if step % every == 0 or step == steps:                                 # evaluate
+                val = _validation_loss(net, x_va, y_va, s.n_val, cfg.loss)
                 train = (running / since).cpu() if since else torch.full((L,), math.nan)
                 broken = active & ((~torch.isfinite(train) if since else False) | has_val & ~torch.isfinite(val))
                 if bool(broken.any()):
