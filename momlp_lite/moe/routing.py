@@ -134,13 +134,22 @@ class RoutingTree:
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         node = torch.zeros(len(pts), dtype=torch.long, device=pts.device)
         parent_keys = pts.mean(0, keepdim=True)  # [1, n] where the root "is"
-        keys = []
+        keys, j = [], torch.arange(big_b, device=pts.device)
         for level in range(depth):
             nodes = big_b**level
-            k = _init_keys(pts, node, nodes, big_b, parent_keys, gen)
-            for _ in range(iters):
+            # initial keys: big_b random member points of every node (repeated when too few)
+            priority = torch.rand(len(pts), generator=gen).to(pts.device)
+            order = torch.argsort(node.to(torch.float64) + priority.to(torch.float64))
+            counts = torch.bincount(node, minlength=nodes)
+            pos = (torch.cumsum(counts, 0) - counts)[:, None] + j[None, :] % counts.clamp(min=1)[:, None]
+            k = pts[order[pos.clamp(max=len(pts) - 1)]]  # [nodes, B, n]
+            empty = counts == 0  # an empty node keeps its own location for every child
+            k[empty] = parent_keys[empty][:, None, :].expand(-1, big_b, n)
+            for _ in range(iters):  # Lloyd: every key moves to the mean of its points (an empty cluster stays)
                 cluster = node * big_b + _nearest(pts, k, node)
-                new_k = _centroids(pts, cluster, nodes * big_b, k.reshape(-1, n)).reshape(nodes, big_b, n)
+                sums = torch.zeros(nodes * big_b, n, dtype=pts.dtype, device=pts.device).index_add_(0, cluster, pts)
+                size = torch.bincount(cluster, minlength=nodes * big_b).to(pts.dtype)[:, None]
+                new_k = torch.where(size > 0, sums / size.clamp(min=1), k.reshape(-1, n)).reshape(nodes, big_b, n)
                 if torch.equal(new_k, k):
                     break
                 k = new_k
@@ -240,22 +249,6 @@ def _boxes(per_axis: tuple[int, ...], a: float, b: float, depth: int) -> list[tu
     return out
 
 
-def _init_keys(pts: torch.Tensor, node: torch.Tensor, nodes: int, big_b: int, parent_keys: torch.Tensor,
-               gen: torch.Generator) -> torch.Tensor:
-    """Pick ``big_b`` random member points of every node as initial keys (all nodes at once)."""
-    priority = torch.rand(len(pts), generator=gen).to(pts.device)
-    order = torch.argsort(node.to(torch.float64) + priority.to(torch.float64))
-    counts = torch.bincount(node, minlength=nodes)
-    starts = torch.cumsum(counts, 0) - counts
-    j = torch.arange(big_b, device=pts.device)  # repeat members when too few:
-    pos = (starts[:, None] + (j[None, :] % counts.clamp(min=1)[:, None])).clamp(max=max(len(pts) - 1, 0))
-    k = pts[order[pos]]  # [nodes, B, n]
-    empty = counts == 0
-    if bool(empty.any()):  # an empty node keeps its own location for every child
-        k[empty] = parent_keys[empty][:, None, :].expand(-1, big_b, pts.shape[1])
-    return k
-
-
 def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor,
              exact: torch.Tensor | None = None) -> torch.Tensor:
     """Index ``[N]`` of the nearest child key of each point's node: ``x [N, n]``, ``keys [nodes, B, n]``, ``node [N]``.
@@ -284,9 +277,3 @@ def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor,
         best[rows] = b
     return best
 
-
-def _centroids(x: torch.Tensor, cluster: torch.Tensor, k: int, old: torch.Tensor) -> torch.Tensor:
-    """Mean of the points of each of ``k`` clusters; an empty cluster keeps its old center."""
-    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, cluster, x)
-    counts = torch.bincount(cluster, minlength=k).to(x.dtype)[:, None]
-    return torch.where(counts > 0, sums / counts.clamp(min=1), old)
