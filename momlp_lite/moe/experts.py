@@ -118,31 +118,30 @@ class StackedMLP(nn.Module):
             layers.append(entry)
         return layers
 
-    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]], update: bool) -> torch.Tensor:
-        """Run ``h [L', B, in]`` through the given layer tensors; update BN statistics when ``update``."""
+    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Run ``h [L', B, in]`` through the given layer tensors."""
         for k, p in enumerate(layers):
             h = torch.baddbmm(p["b"].unsqueeze(1), h, p["w"])
             if k == len(layers) - 1:
                 break
             if self.batchnorm:
-                h = self._batchnorm(h, k, p, update)
+                h = self._batchnorm(h, k, p)
             # PReLU: one fused kernel each way, with the experts as F.prelu's channel dimension
             h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0) if self.prelu else torch.relu(h)
         return h
 
-    def _batchnorm(self, h: torch.Tensor, k: int, p: dict[str, torch.Tensor], update: bool) -> torch.Tensor:
-        """Per-expert BatchNorm1d over the ``B`` samples of each expert (dim 1)."""
+    def _batchnorm(self, h: torch.Tensor, k: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-expert BatchNorm1d over the ``B`` samples of each expert (dim 1); training mode updates the stats."""
         if self.training:
             batch = h.shape[1]
             if batch < 2:
                 raise ValueError(f"BatchNorm in training mode needs at least 2 samples per expert, got {batch}; "
                                  "raise the batch size or call .eval()")
             var, mean = torch.var_mean(h.float(), dim=1, correction=0)
-            if update:
-                with torch.no_grad():
-                    m, rm, rv = self.bn_momentum, getattr(self, f"running_mean_{k}"), getattr(self, f"running_var_{k}")
-                    rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
-                    rv.mul_(1 - m).add_((var * (batch / (batch - 1))).to(rv.dtype), alpha=m)
+            with torch.no_grad():
+                m, rm, rv = self.bn_momentum, getattr(self, f"running_mean_{k}"), getattr(self, f"running_var_{k}")
+                rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
+                rv.mul_(1 - m).add_((var * (batch / (batch - 1))).to(rv.dtype), alpha=m)
             mean, var = mean.to(h.dtype), var.to(h.dtype)
         else:
             mean, var = p["mean"].to(h.dtype), p["var"].to(h.dtype)
@@ -164,7 +163,7 @@ class StackedMLP(nn.Module):
                              f"{tuple(x.shape)}; for one leaf id per row use forward_routed")
         if self.batchnorm and self.training:
             self.num_batches_tracked.add_(1)
-        return self._run(x, self._layer_tensors(None), update=True)
+        return self._run(x, self._layer_tensors(None))
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -189,12 +188,10 @@ class StackedMLP(nn.Module):
         return local
 
     def forward_routed(self, x: torch.Tensor, leaf: torch.Tensor, max_block: int = _ROUTED_BLOCK) -> torch.Tensor:
-        """Routed forward (inference): row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id).
+        """Routed forward (inference): row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]``, a global id.
 
-        Returns ``[N, n_out]`` in input order. Rows are grouped by leaf (one sort), padded to
-        ``[L', rows, n_in]`` and run in blocks of at most ``max_block`` activation elements; ``L'`` is the
-        number of experts hit when that is at most half the stack (their weights are gathered), else all.
-        Training-mode BatchNorm is refused: call ``.eval()`` or train with :meth:`forward`.
+        Returns ``[N, n_out]`` in input order. Rows are grouped by leaf (one sort), padded to ``[L', rows, n_in]``
+        and run in blocks of at most ``max_block`` activation elements. Training-mode BatchNorm is refused.
         """
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"forward_routed expects x of shape [N, {self.n_in}], got {tuple(x.shape)}")
@@ -225,7 +222,7 @@ class StackedMLP(nn.Module):
             sel = (pos >= lo) & (pos < lo + chunk)
             padded = x.new_zeros(rows, min(chunk, max_count - lo), self.n_in)
             padded[group[sel], pos[sel] - lo] = x_sorted[sel]
-            y = self._run(padded, layers, update=False)
+            y = self._run(padded, layers)  # never training-mode BatchNorm (refused above)
             y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)
         out[order] = y_sorted
         return out
@@ -237,20 +234,18 @@ class StackedMLP(nn.Module):
         Expert ``l`` then computes ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]``
         on raw ``x``; shapes ``[L, n_in]`` / ``[L, n_out]`` or broadcastable.
         """
+        w0, b0, wl, bl, L = self.weights[0], self.biases[0], self.weights[-1], self.biases[-1], self.num_experts
         with torch.no_grad():
-            w0, b0 = self.weights[0], self.biases[0]
             if in_scale is not None:
-                w0.div_(in_scale.to(w0).expand(self.num_experts, self.n_in)[:, :, None])
+                w0.div_(in_scale.to(w0).expand(L, self.n_in)[:, :, None])
             if in_shift is not None:
-                shift = in_shift.to(w0).expand(self.num_experts, self.n_in)
-                b0.sub_(torch.einsum("li,lio->lo", shift, w0))
-            wl, bl = self.weights[-1], self.biases[-1]
+                b0.sub_(torch.einsum("li,lio->lo", in_shift.to(w0).expand(L, self.n_in), w0))
             if out_scale is not None:
-                scale = out_scale.to(wl).expand(self.num_experts, self.n_out)
+                scale = out_scale.to(wl).expand(L, self.n_out)
                 wl.mul_(scale[:, None, :])
                 bl.mul_(scale)
             if out_shift is not None:
-                bl.add_(out_shift.to(bl).expand(self.num_experts, self.n_out))
+                bl.add_(out_shift.to(bl).expand(L, self.n_out))
         return self
 
     def _stacked_state(self) -> dict[str, torch.Tensor]:
