@@ -19,10 +19,8 @@ _ROUTED_BLOCK = 1 << 24  # upper bound on elements of one padded activation bloc
 class StackedMLP(nn.Module):
     """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out``; layer ``k`` is one ``[L, in, out]``.
 
-    ``prelu``: a learnable PReLU slope per expert and hidden layer (init 0.25), else ReLU; ``batchnorm``:
-    a BatchNorm1d per expert before each activation. ``expert_ids``: distinct global ids (default ``0..L-1``).
-    Initialization is ``nn.Linear``'s, from ``generator``, or with ``seed`` from ``(seed, expert id)`` alone,
-    so a stack of any subset starts as the full stack would. Expert ``l`` is exactly :meth:`expert_module`.
+    ``prelu``: a learnable PReLU slope per expert and layer, else ReLU; ``batchnorm``: a BatchNorm1d per expert.
+    Initialization is ``nn.Linear``'s, from ``generator``, or with ``seed`` from ``(seed, expert id)`` alone.
     Taught in: book/momlp_grid_regression.
     """
 
@@ -149,11 +147,8 @@ class StackedMLP(nn.Module):
         return (h - mean[:, None, :]) * scale[:, None, :] + p["beta"].to(h.dtype)[:, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Lockstep forward: ``x [L, B, n_in] -> [L, B, n_out]``, row ``l`` through expert ``l`` (training).
-
-        A ``[B, n_in]`` input goes through every expert. With BatchNorm in training mode each expert
-        normalizes over its own ``B`` samples.
-        """
+        """Lockstep forward (training): ``x [L, B, n_in] -> [L, B, n_out]``, ``x[l]`` (or all ``x [B, n_in]``) through
+        expert ``l``."""
         L = self.num_experts
         self._check_dtype(x)
         if x.ndim == 2:
@@ -229,11 +224,8 @@ class StackedMLP(nn.Module):
 
     def fold_affine_(self, in_shift: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
                      out_shift: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> "StackedMLP":
-        """Fold per-expert standardization into the first and last layers (no extra parameters).
-
-        Expert ``l`` then computes ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]``
-        on raw ``x``; shapes ``[L, n_in]`` / ``[L, n_out]`` or broadcastable.
-        """
+        """Fold per-expert standardization into the first and last layers: expert ``l`` then computes
+        ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]`` on raw ``x``."""
         w0, b0, wl, bl, L = self.weights[0], self.biases[0], self.weights[-1], self.biases[-1], self.num_experts
         with torch.no_grad():
             if in_scale is not None:

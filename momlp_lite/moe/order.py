@@ -50,11 +50,8 @@ class LeafSplit:
 
 
 def split_by_leaf(leaf: torch.Tensor, expert_ids: torch.Tensor, val_fraction: float, seed: int) -> LeafSplit:
-    """Partition rows by leaf and hold out ``floor(val_fraction * n_leaf)`` rows per leaf.
-
-    Which rows of a leaf go to validation depends only on ``(seed, leaf id, rank of the row in its leaf)``.
-    Taught in: book/momlp_grid_regression.
-    """
+    """Partition rows by leaf; hold out ``floor(val_fraction * n_leaf)`` rows per leaf, chosen by ``(seed, leaf id,
+    rank of the row in its leaf)`` alone. Taught in: book/momlp_grid_regression."""
     leaf, ids = leaf.cpu().long(), expert_ids.cpu().long()
     table = torch.full((max(int(ids.max()), int(leaf.max()) if leaf.numel() else 0) + 1,), -1, dtype=torch.long)
     table[ids] = torch.arange(len(ids))
@@ -76,9 +73,7 @@ class LockstepSampler:
     """Per-step sample positions for every expert: ``indices(step) -> [L, B]``, into each expert's own shard.
 
     Expert ``j`` walks through a fresh permutation of its ``n[j]`` samples per epoch (``max(1, n[j] // B)``
-    batches; the rest of a permutation is dropped; a shard smaller than ``B`` repeats samples in a batch).
-    Permutation ``e`` is the argsort of hash keys of ``(seed, expert id, e, position)``, made for all experts
-    at once, several epochs per block. Taught in: book/momlp_grid_regression.
+    batches), the argsort of hash keys of ``(seed, expert id, epoch, position)``. Taught in: book/momlp_grid_regression.
     """
 
     def __init__(self, n: torch.Tensor, expert_ids: torch.Tensor, batch_size: int, seed: int,

@@ -46,11 +46,8 @@ def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
 class RoutingTree:
     """A tree of prototype keys that routes each point to one leaf: child ``c`` of node ``i`` is node ``i * B + c``.
 
-    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`. ``keys[l]`` (finite, shape
-    ``[B**l, B, n]``) holds the keys of the ``B`` children of each node of level ``l``; no keys is the
-    one-leaf tree and needs ``n``. ``bounds`` and ``axis_branching`` describe a regular tree's box.
-    ``leaf_keys [num_leaves, n]`` are the keys in leaf order (the origin for the one-leaf tree);
-    ``path_parameter_count`` counts the key coordinates read to route one point, ``parameter_count`` all.
+    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`; ``keys[l]`` (``[B**l, B, n]``) holds
+    the child keys of the nodes of level ``l``. ``path_parameter_count``: key coordinates read to route one point.
     Taught in: book/routing_trees.
     """
 
@@ -90,11 +87,8 @@ class RoutingTree:
     @classmethod
     def regular(cls, n: int, depth: int, branching: int | Sequence[int] = 2, a: float = 0.0,
                 b: float = 1.0) -> "RoutingTree":
-        """Regular tree over [a, b]^n: each level splits every box into ``branching`` pieces per axis.
-
-        ``branching`` is one integer or one per axis; the keys are the sub-box centers, so a point goes
-        to the leaf box that contains it (a point on a shared face to one of the two).
-        """
+        """Regular tree over [a, b]^n: each level splits every box into ``branching`` (or per-axis) pieces per axis;
+        the keys are the sub-box centers, so a point goes to the leaf box that contains it."""
         n = check_positive_int("dimension n", n)
         depth = check_positive_int("depth", depth)
         per_axis = tuple(branching) if isinstance(branching, (list, tuple)) else (branching,) * n
@@ -114,11 +108,8 @@ class RoutingTree:
 
     @classmethod
     def from_data(cls, x: Any, depth: int, branching: int = 4, iters: int = 25, seed: int = 0) -> "RoutingTree":
-        """Data-driven tree by recursive k-means: Lloyd's algorithm inside every node of a level at once.
-
-        Needs at least ``branching**depth`` points; a node with fewer distinct points than ``branching``
-        gets repeated keys (some leaves stay empty).
-        """
+        """Data-driven tree by recursive k-means (Lloyd inside every node of a level at once); needs at least
+        ``branching**depth`` points, and a node with fewer distinct points gets repeated keys (empty leaves)."""
         depth = check_positive_int("depth", depth)
         big_b = check_positive_int("branching", branching)
         if big_b < 2:
@@ -169,10 +160,7 @@ class RoutingTree:
         return self._device_keys[device]
 
     def route(self, x: Any, return_path: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Leaf id ``[N]`` of every point of ``x [N, n]`` (on ``x``'s device), descending by nearest key per level.
-
-        With ``return_path=True`` also the ``[N, depth]`` child index chosen at every level.
-        """
+        """Leaf id ``[N]`` of every point of ``x [N, n]``; with ``return_path`` also the ``[N, depth]`` children."""
         pts = _as_points(x, self.n)
         leaf = torch.zeros(len(pts), dtype=torch.long, device=pts.device)
         path = leaf.new_zeros((len(pts), self.depth))
@@ -208,10 +196,7 @@ class RoutingTree:
 
     def leaf_map(self, resolution: int = 200,
                  bounds: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Route a ``resolution × resolution`` raster over a 2-D box: ``(xs, ys, leaf_ids)``.
-
-        ``leaf_ids[i, j]`` is the leaf of point ``(xs[j], ys[i])``, the layout plotly heatmaps use.
-        """
+        """Route a raster over a 2-D box: ``(xs, ys, leaf_ids)``, ``leaf_ids[i, j]`` the leaf of ``(xs[j], ys[i])``."""
         if self.n != 2:
             raise ValueError(f"leaf_map() draws 2-D trees only; this tree has n={self.n}")
         resolution = check_positive_int("resolution", resolution)
@@ -253,10 +238,8 @@ def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor,
              exact: torch.Tensor | None = None) -> torch.Tensor:
     """Index ``[N]`` of the nearest child key of each point's node: ``x [N, n]``, ``keys [nodes, B, n]``, ``node [N]``.
 
-    float32 squared distances first; rows whose smallest distance is not clearly unique are decided
-    again in float64 (from ``exact``, the points in their own precision) with the differences
-    ``d_j - d_b = (k_j - k_b)·(k_j + k_b - 2x)`` to the current best ``b`` until ``b`` stays: a
-    coordinate where ``k_j`` and ``k_b`` agree adds exactly 0, however far ``x`` is from the keys.
+    float32 distances first; near ties are decided again in float64 (from ``exact``) with the differences
+    ``d_j - d_b = (k_j - k_b)·(k_j + k_b - 2x)``, exact 0 on coordinates where the keys agree, however far ``x`` is.
     """
     d = keys[node].sub_(x[:, None, :]).square_().sum(-1)
     best = d.argmin(1)

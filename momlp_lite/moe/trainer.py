@@ -35,12 +35,10 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train experts (defaults: Kratsios et al.'s regression setting, Adam 1e-4).
+    """How to train experts (defaults: Kratsios et al.'s regression setting, Adam 1e-4); ``batch_size`` is per expert.
 
-    ``loss``: ``"mse"`` (targets ``[N, n_out]``) or ``"cross_entropy"`` (class ids ``[N]``). ``batch_size``
-    samples per expert and step; ``max_epochs`` (passes over the largest shard) overrides ``max_steps``.
-    Each expert holds out ``val_fraction`` of its leaf and stops after ``patience`` evaluations (every
-    ``eval_every`` steps, default one epoch) without beating its best by ``min_delta``.
+    ``max_epochs`` (of the largest shard) overrides ``max_steps``. An expert stops after ``patience`` evaluations
+    (every ``eval_every`` steps, default one epoch) without beating its best by ``min_delta``.
     Taught in: book/momlp_grid_regression.
     """
 
@@ -81,12 +79,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a training run did (the model is updated in place); column ``j`` of each array is ``expert_ids[j]``.
-
-    Histories have one row per evaluation (``eval_steps``), NaN where an expert had no validation data or had
-    stopped. ``stop_step`` is -1 for experts that never stopped early; ``best_step`` is -1 (and ``best_val`` inf)
-    for experts without validation data (they keep their final parameters). Taught in: book/momlp_grid_regression.
-    """
+    """What a training run did; column ``j`` is ``expert_ids[j]``, histories have a row per ``eval_steps`` (NaN
+    when stopped or without validation data), and -1 steps mean "never". Taught in: book/momlp_grid_regression."""
 
     expert_ids: list[int]
     skipped_ids: list[int]
@@ -124,11 +118,8 @@ def make_optimizer(params: Any, cfg: TrainConfig, **extra: Any) -> torch.optim.O
 
 
 class LockstepStep:
-    """One step of Algorithm 2 for ``L`` experts: stacked forward, per-expert mean losses summed, one Adam step.
-
-    ``step(xb [L, B, in], yb) -> losses [L]``. The sum keeps the experts independent: expert ``l``'s
-    parameters reach only its own loss, and Adam acts element-wise. Taught in: book/momlp_grid_regression.
-    """
+    """One step of Algorithm 2: stacked forward, per-expert mean losses summed (the experts stay independent), one
+    Adam step; ``step(xb [L, B, in], yb) -> losses [L]``. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig) -> None:
         # foreach: one kernel per op over all parameter tensors (the same update as the default loop)
@@ -180,11 +171,7 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
 def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
                   expert_ids: Sequence[int] | torch.Tensor | None
                   ) -> tuple[torch.Tensor, list[int], LeafSplit, int, int, torch.device]:
-    """Check the data and decide what to train (shared by the lockstep trainer and its reference).
-
-    Returns the ids of the experts that train, those skipped (no data), their split, the number of
-    steps, the evaluation interval and the device.
-    """
+    """Check the data and decide what to train (both trainers): ids, skipped ids, split, steps, eval_every, device."""
     _check_data(model, x, y, leaf, cfg.loss)
     leaf = leaf.long()
     ids = model.expert_ids.cpu() if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
@@ -222,11 +209,7 @@ def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def _validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
                     loss: str) -> torch.Tensor:
-    """Mean validation loss per expert (NaN without validation rows) from :func:`_padded` rows.
-
-    Every expert's rows run in chunks of exactly ``_EVAL_CHUNK``, so its loss is the same bit for bit
-    whichever experts share its lockstep group.
-    """
+    """Mean validation loss per expert (NaN without rows), in fixed chunks: the same bit for bit in any group."""
     L, V = x_val.shape[:2]
     total = torch.zeros(L, device=x_val.device)
     net.eval()
@@ -243,13 +226,10 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
                   config: TrainConfig | None = None, expert_ids: Sequence[int] | torch.Tensor | None = None, *,
                   make_step: Callable[[StackedMLP, TrainConfig], Callable[..., torch.Tensor]] = LockstepStep
                   ) -> TrainResult:
-    """Algorithm 2 in lockstep: train every expert on its own leaf's rows, all at once; ``model`` in place.
+    """Algorithm 2 in lockstep: train every expert (or those of ``expert_ids``) on its leaf's rows, in place.
 
-    ``y`` is ``[N, n_out]`` for mse, ``[N]`` ids for cross_entropy; ``leaf [N]`` each row's expert id.
-    ``expert_ids`` trains only those experts (one process's share); ``make_step`` builds the step
-    (:mod:`momlp_lite.moe.fast` passes its GPU step). Experts with a validation split end at their best
-    evaluation; experts without data are skipped with a warning; :class:`NonFiniteLossError` when an
-    active expert's loss becomes NaN or infinite. Taught in: book/momlp_grid_regression.
+    ``y``: ``[N, n_out]`` for mse, ``[N]`` class ids for cross_entropy; ``leaf [N]``: each row's expert id.
+    Experts end at their best evaluation. Taught in: book/momlp_grid_regression.
     """
     cfg = config or TrainConfig()
     ids, skipped, s, steps, every, dev = plan_training(model, x, y, leaf, cfg, expert_ids)
