@@ -66,14 +66,13 @@ class StackedMLP(nn.Module):
             self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), 0.25, **factory))  # nn.PReLU's default
         else:
             self.register_parameter("slopes", None)
-        self.bn_weight = nn.ParameterList()
-        self.bn_bias = nn.ParameterList()
+        bn_layers = range(self.hidden_layers if self.batchnorm else 0)
+        self.bn_weight = nn.ParameterList(nn.Parameter(torch.ones(L, self.width, **factory)) for _ in bn_layers)
+        self.bn_bias = nn.ParameterList(nn.Parameter(torch.zeros(L, self.width, **factory)) for _ in bn_layers)
+        for k in bn_layers:
+            self.register_buffer(f"running_mean_{k}", torch.zeros(L, self.width, **factory))
+            self.register_buffer(f"running_var_{k}", torch.ones(L, self.width, **factory))
         if self.batchnorm:
-            for k in range(self.hidden_layers):
-                self.bn_weight.append(nn.Parameter(torch.ones(L, self.width, **factory)))
-                self.bn_bias.append(nn.Parameter(torch.zeros(L, self.width, **factory)))
-                self.register_buffer(f"running_mean_{k}", torch.zeros(L, self.width, **factory))
-                self.register_buffer(f"running_var_{k}", torch.ones(L, self.width, **factory))
             self.register_buffer("num_batches_tracked", torch.zeros(L, dtype=torch.long, device=device))
         self.register_buffer("expert_ids", ids.to(device))
         self.num_experts = L
@@ -211,15 +210,12 @@ class StackedMLP(nn.Module):
             group = local[order]
         max_count = int(counts.max())
         chunk = max(1, min(max_count, max_block // max(1, rows * max(self.n_in, self.width, self.n_out))))
-        x_sorted = x[order]
-        y_sorted = out.new_empty(len(order), self.n_out)
         for lo in range(0, max_count, chunk):  # loop over row blocks, not experts
             sel = (pos >= lo) & (pos < lo + chunk)
             padded = x.new_zeros(rows, min(chunk, max_count - lo), self.n_in)
-            padded[group[sel], pos[sel] - lo] = x_sorted[sel]
+            padded[group[sel], pos[sel] - lo] = x[order[sel]]
             y = self._run(padded, layers)  # never training-mode BatchNorm (refused above)
-            y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)
-        out[order] = y_sorted
+            out[order[sel]] = y[group[sel], pos[sel] - lo].to(out.dtype)
         return out
 
     def fold_affine_(self, in_shift: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
