@@ -236,14 +236,10 @@ class StackedMLP(nn.Module):
                 bl.add_(out_shift.to(bl).expand(L, self.n_out))
         return self
 
-    def _stacked_state(self) -> dict[str, torch.Tensor]:
-        """state_dict entries with a leading expert dimension (all but ``expert_ids``); they share storage."""
-        return {k: v for k, v in self.state_dict().items() if k != "expert_ids"}
-
     def expert_state(self, expert_id: int) -> dict[str, torch.Tensor]:
         """The tensors of one expert (global id), cloned, without the expert dimension: one file per expert."""
         row = int(self.local_index(torch.tensor([expert_id]))[0])
-        return {k: v[row].detach().clone() for k, v in self._stacked_state().items()}
+        return {k: v[row].clone() for k, v in self.state_dict().items() if k != "expert_ids"}
 
     def subset(self, expert_ids: Sequence[int] | torch.Tensor) -> "StackedMLP":
         """A new stack with copies of the experts with these global ids, in this order."""
@@ -259,9 +255,9 @@ class StackedMLP(nn.Module):
         if other.config != self.config:
             raise ValueError(f"cannot load experts of shape {other.config} into a stack of shape {self.config}")
         rows = self.local_index(other.expert_ids.to(self.expert_ids.device))
-        mine = self._stacked_state()
+        mine = self.state_dict()  # its tensors share the storage; other's expert_ids are copied onto themselves
         with torch.no_grad():
-            for k, v in other._stacked_state().items():
+            for k, v in other.state_dict().items():
                 mine[k].index_copy_(0, rows.to(mine[k].device), v.to(mine[k].device, mine[k].dtype))
         return self
 
