@@ -40,7 +40,9 @@ class FastStep:
         self.use_graph = bool(options.cuda_graph) and cuda
         fused = cuda if options.fused is None else bool(options.fused)
         kw: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
-        self.opt = make_optimizer(net.parameters(), cfg, **kw, **({"capturable": True} if self.use_graph else {}))
+        if self.use_graph:
+            kw["capturable"] = True
+        self.opt = make_optimizer(net.parameters(), cfg, **kw)
         self._loss = self._eager_loss
         if options.compile and cuda:
             self._loss = torch.compile(self._eager_loss, mode=None if options.compile is True else str(options.compile))

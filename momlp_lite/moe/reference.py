@@ -48,7 +48,8 @@ def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, le
                 train = float(np.mean(losses)) if losses else math.nan
                 if (losses and not math.isfinite(train)) or (len(va) and not math.isfinite(val)):
                     raise NonFiniteLossError([gid], step)
-                hist[:, evals.index(step), j], losses = (train, val), []
+                hist[:, evals.index(step), j] = train, val
+                losses = []
                 if len(va) and val < best_val[j] - cfg.min_delta:
                     best, best_val[j], best_step[j], bad = copy.deepcopy(net.state_dict()), val, step, 0
                 elif len(va):

@@ -108,6 +108,8 @@ def _row_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Te
 def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Mean loss of each expert: ``pred [L, B, out]``, target ``[L, B, out]`` (or ``[L, B]`` ids) -> ``[L]``.
     Taught in: book/momlp_grid_regression."""
+    if loss == "mse":  # one mean over all B * out elements
+        return (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
     return _row_losses(pred, target, loss).mean(1)
 
 
@@ -208,7 +210,7 @@ def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def _validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
-                    loss: str) -> torch.Tensor:
+                     loss: str) -> torch.Tensor:
     """Mean validation loss per expert (NaN without rows), in fixed chunks: the same bit for bit in any group."""
     L, V = x_val.shape[:2]
     total = torch.zeros(L, device=x_val.device)
