@@ -93,4 +93,3 @@ class FastStep:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._losses = self._eager_step(self._x, self._y)
-

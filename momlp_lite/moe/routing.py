@@ -259,4 +259,3 @@ def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor,
             b = new
         best[rows] = b
     return best
-
