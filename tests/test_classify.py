@@ -56,8 +56,9 @@ def test_dense_twin_is_a_one_leaf_momlp_within_the_budget() -> None:
     experts = StackedMLP(tree.num_leaves, 2, 8, 4, 4, batchnorm=True)
     budget = experts.num_experts * experts.parameters_per_expert + tree.parameter_count
     dense = StackedMLP.dense_with_budget(budget, 2, 4, 4, batchnorm=True, generator=torch.Generator().manual_seed(0))
-    one_leaf = RoutingTree([torch.zeros(1, 1, 2)])  # TODO(moe): RoutingTree.single(2)
-    assert one_leaf.num_leaves == 1 and bool((one_leaf.route(x) == 0).all())
+    one_leaf = RoutingTree.single(2)
+    assert one_leaf.num_leaves == 1 and one_leaf.depth == 0 and one_leaf.parameter_count == 0
+    assert bool((one_leaf.route(x) == 0).all())
     assert dense.parameters_per_expert <= budget and dense.width > experts.width
     cfg = TrainConfig(**{**CONFIG.__dict__, "batch_size": CONFIG.batch_size * tree.num_leaves})
     train_experts(dense, x[:600], y[:600], one_leaf.route(x[:600]), cfg)

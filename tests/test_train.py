@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from momlp_lite.moe.experts import StackedMLP
-from momlp_lite.moe.fast import FastOptions, FastStep, train_experts_fast
+from momlp_lite.moe.fast import FastOptions, FastStep
 from momlp_lite.moe.order import LockstepSampler, split_by_leaf
 from momlp_lite.moe.reference import train_experts_serial
 from momlp_lite.moe.routing import RoutingTree
@@ -123,19 +123,16 @@ def test_training_lowers_loss_and_restores_best():
     assert res.val_loss.shape == (len(res.eval_steps), 4) and res.eval_steps[0] == 0
     first, best = res.val_loss[0], res.best_val
     assert np.all(best < 0.2 * first), (first, best)
-    assert res.samples_per_second > 0 and res.seconds > 0
+    assert res.seconds > 0
     # the model holds the best-validation parameters: recompute the validation loss
     split = split_by_leaf(leaf, torch.arange(4), cfg.val_fraction, cfg.seed)
     model.eval()
     with torch.no_grad():
         pred = model.forward_routed(x[split.val_rows], leaf[split.val_rows])
     rows = per_expert_loss(pred[:, None], y[split.val_rows][:, None], "mse")
-    per = torch.zeros(4).index_add_(0, split.val_local, rows) / split.n_val
+    per = torch.zeros(4).index_add_(0, torch.repeat_interleave(torch.arange(4), split.n_val), rows) / split.n_val
     np.testing.assert_allclose(per.numpy(), best, rtol=1e-4)
-    as_dict = res.to_dict()
-    assert as_dict["expert_ids"] == [0, 1, 2, 3] and len(as_dict["val_loss"]) == len(res.eval_steps)
-    hist = res.history(2)
-    assert np.nanmin(hist["val_loss"]) == pytest.approx(best[2])
+    assert res.expert_ids == [0, 1, 2, 3] and np.nanmin(res.val_loss[:, 2]) == pytest.approx(best[2])
 
 
 def test_split_by_leaf_partitions_each_leaf():
@@ -214,7 +211,8 @@ def test_gpu_levers_are_safe_on_cpu():
     x, y, leaf = regression_data(n=300, L=3)
     model = StackedMLP(3, 2, 8, 2, 1, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(batch_size=16, max_steps=40, eval_every=20, lr=3e-3, progress=False, device="cpu")
-    res = train_experts_fast(model, x, y, leaf, cfg, FastOptions(bf16=True, cuda_graph=True, compile=True))
+    opts = FastOptions(bf16=True, cuda_graph=True, compile=True)
+    res = train_experts(model, x, y, leaf, cfg, make_step=lambda net, cfg: FastStep(net, cfg, opts))
     assert np.all(res.best_val < res.val_loss[0])
     assert model.weights[0].dtype == torch.float32  # fp32 master weights
 

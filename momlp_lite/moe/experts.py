@@ -1,16 +1,8 @@
-"""Many experts as stacked weights, run with batched matmuls.
-
-:class:`StackedMLP` stores layer ``k`` of all ``L`` experts in one ``[L, in, out]`` tensor and runs them
-at once with ``torch.baddbmm``: :meth:`~StackedMLP.forward` takes lockstep batches ``[L, B, in]`` (row
-``l`` through expert ``l``: training), :meth:`~StackedMLP.forward_routed` one leaf id per row (inference:
-rows grouped by leaf, padded, run in bounded blocks, returned in input order). Expert ``l`` is exactly
-the ``nn.Sequential`` of :meth:`~StackedMLP.expert_module`. A stack may hold any subset of a model's
-experts (``expert_ids``). Taught in: book/momlp_grid_regression.
-"""
+"""Many MLP experts as stacked weights, run with batched matmuls. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,27 +11,17 @@ from torch import nn
 from ..runtime import check_positive_int
 from .sizes import dense_width_for_parameters, mlp_parameter_count
 
-__all__ = ["StackedMLP", "ExpertConfig"]
+__all__ = ["StackedMLP"]
 
-PRELU_INIT = 0.25  # nn.PReLU's default slope
 _ROUTED_BLOCK = 1 << 24  # upper bound on elements of one padded activation block in forward_routed
-
-ExpertConfig = dict[str, Any]  # n_in, width, hidden_layers, n_out, prelu, batchnorm, bn_eps, bn_momentum
 
 
 class StackedMLP(nn.Module):
-    """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out`` stored as stacked weights.
+    """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out``; layer ``k`` is one ``[L, in, out]``.
 
-    ``prelu``: a learnable PReLU slope per expert and hidden layer (init 0.25), else ReLU; ``batchnorm``:
-    BatchNorm1d before each activation, per expert, with its own running statistics (``bn_eps``,
-    ``bn_momentum`` as in ``nn.BatchNorm1d``). ``expert_ids``: distinct global ids (default ``0..L-1``).
-    Initialization is ``nn.Linear``'s (uniform in ``±1/sqrt(fan_in)``), from ``generator``, or with
-    ``seed`` from ``(seed, expert id)`` alone, so a stack of any subset starts as the full stack would.
+    ``prelu``: a learnable PReLU slope per expert and layer, else ReLU; ``batchnorm``: a BatchNorm1d per expert.
+    Initialization is ``nn.Linear``'s, from ``generator``, or with ``seed`` from ``(seed, expert id)`` alone.
     Taught in: book/momlp_grid_regression.
-
-    >>> m = StackedMLP(4, n_in=2, width=8, hidden_layers=2, n_out=1)
-    >>> m(torch.zeros(4, 5, 2)).shape, m.forward_routed(torch.zeros(3, 2), torch.tensor([3, 0, 3])).shape
-    (torch.Size([4, 5, 1]), torch.Size([3, 1]))
     """
 
     def __init__(self, num_experts: int, n_in: int, width: int, hidden_layers: int, n_out: int = 1, *,
@@ -53,7 +35,8 @@ class StackedMLP(nn.Module):
         self.width = check_positive_int("width", width)
         self.hidden_layers = check_positive_int("hidden_layers", hidden_layers)
         self.n_out = check_positive_int("n_out", n_out)
-        self.prelu, self.batchnorm, self.bn_eps, self.bn_momentum = bool(prelu), bool(batchnorm), float(bn_eps), float(bn_momentum)
+        self.prelu, self.batchnorm = bool(prelu), bool(batchnorm)
+        self.bn_eps, self.bn_momentum = float(bn_eps), float(bn_momentum)
         factory = dict(device=device, dtype=dtype or torch.get_default_dtype())
         ids = torch.arange(L) if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
         if ids.numel() != L:
@@ -66,64 +49,50 @@ class StackedMLP(nn.Module):
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         shapes = list(zip(dims[:-1], dims[1:]))
         # nn.Linear's initialization: uniform in +-1/sqrt(fan_in) for weights and biases
-        init_device = generator.device if generator is not None else (torch.device("cpu") if seed is not None else device)
+        init_device = generator.device if generator is not None else ("cpu" if seed is not None else device)
         ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
         bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
+        # one generator for the whole stack, or with seed one per expert (initialization only, not a hot path)
+        gens = [(slice(None), generator)] if seed is None else [
+            (j, torch.Generator().manual_seed(int(seed) * 1_000_003 + e)) for j, e in enumerate(ids.tolist())]
         with torch.no_grad():
-            if seed is None:
+            for rows, g in gens:
                 for (fan_in, _), w, b in zip(shapes, ws, bs):
-                    w.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
-                    b.uniform_(-fan_in**-0.5, fan_in**-0.5, generator=generator)
-            else:  # initialization only (not a hot path): expert e's numbers depend on (seed, e) alone
-                for j, e in enumerate(ids.tolist()):
-                    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + e)
-                    for (fan_in, _), w, b in zip(shapes, ws, bs):
-                        w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
-                        b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                    w[rows].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                    b[rows].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
         self.weights = nn.ParameterList(nn.Parameter(w.to(device)) for w in ws)
         self.biases = nn.ParameterList(nn.Parameter(b.to(device)) for b in bs)
         if self.prelu:
-            self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), PRELU_INIT, **factory))
+            self.slopes = nn.Parameter(torch.full((L, self.hidden_layers), 0.25, **factory))  # nn.PReLU's default
         else:
             self.register_parameter("slopes", None)
-        self.bn_weight = nn.ParameterList()
-        self.bn_bias = nn.ParameterList()
+        bn_layers = range(self.hidden_layers if self.batchnorm else 0)
+        self.bn_weight = nn.ParameterList(nn.Parameter(torch.ones(L, self.width, **factory)) for _ in bn_layers)
+        self.bn_bias = nn.ParameterList(nn.Parameter(torch.zeros(L, self.width, **factory)) for _ in bn_layers)
+        for k in bn_layers:
+            self.register_buffer(f"running_mean_{k}", torch.zeros(L, self.width, **factory))
+            self.register_buffer(f"running_var_{k}", torch.ones(L, self.width, **factory))
         if self.batchnorm:
-            for k in range(self.hidden_layers):
-                self.bn_weight.append(nn.Parameter(torch.ones(L, self.width, **factory)))
-                self.bn_bias.append(nn.Parameter(torch.zeros(L, self.width, **factory)))
-                self.register_buffer(f"running_mean_{k}", torch.zeros(L, self.width, **factory))
-                self.register_buffer(f"running_var_{k}", torch.ones(L, self.width, **factory))
             self.register_buffer("num_batches_tracked", torch.zeros(L, dtype=torch.long, device=device))
         self.register_buffer("expert_ids", ids.to(device))
+        self.num_experts = L
+        self.parameters_per_expert = mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out,
+                                                         self.prelu, self.batchnorm)  # what one forward loads
 
     @property
-    def num_experts(self) -> int:
-        """Number of experts ``L`` in this stack. Taught in: book/momlp_grid_regression."""
-        return int(self.weights[0].shape[0])
-
-    @property
-    def config(self) -> ExpertConfig:
-        """The shape of one expert, to rebuild it with :meth:`from_expert_states`. Taught in: book/momlp_grid_regression."""
+    def config(self) -> dict[str, Any]:
+        """The shape of one expert: the keyword arguments that rebuild a stack like this one."""
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
-
-    @property
-    def parameters_per_expert(self) -> int:
-        """Trainable parameters of one expert (what one forward pass loads). Taught in: book/momlp_grid_regression."""
-        return mlp_parameter_count(self.n_in, self.width, self.hidden_layers, self.n_out, self.prelu, self.batchnorm)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, {self.n_in} -> {self.width} x {self.hidden_layers} -> "
                 f"{self.n_out}, prelu={self.prelu}, batchnorm={self.batchnorm}")
 
     @classmethod
-    def dense_with_budget(cls, budget: int, n_in: int, hidden_layers: int, n_out: int = 1, **kwargs: Any) -> "StackedMLP":
-        """One dense MLP (a stack of one) with the largest width whose parameters fit ``budget``.
-
-        The equal-parameter baseline (``budget = L * experts.parameters_per_expert``), routed by
-        ``RoutingTree.single``. Taught in: book/momlp_grid_regression.
-        """
+    def dense_with_budget(cls, budget: int, n_in: int, hidden_layers: int, n_out: int = 1,
+                          **kwargs: Any) -> "StackedMLP":
+        """One dense MLP (a stack of one) of the largest width whose parameters fit ``budget``: the baseline."""
         width = dense_width_for_parameters(budget, n_in, hidden_layers, n_out, prelu=kwargs.get("prelu", True),
                                            batchnorm=kwargs.get("batchnorm", False))
         return cls(1, n_in, width, hidden_layers, n_out, **kwargs)
@@ -141,35 +110,35 @@ class StackedMLP(nn.Module):
                     entry["slope"] = pick(self.slopes[:, k])
                 if self.batchnorm:
                     entry.update(gamma=pick(self.bn_weight[k]), beta=pick(self.bn_bias[k]),
-                                 mean=pick(getattr(self, f"running_mean_{k}")), var=pick(getattr(self, f"running_var_{k}")))
+                                 mean=pick(getattr(self, f"running_mean_{k}")),
+                                 var=pick(getattr(self, f"running_var_{k}")))
             layers.append(entry)
         return layers
 
-    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]], k_update: bool) -> torch.Tensor:
-        """Run ``h [L', B, in]`` through the given layer tensors; update BN stats when ``k_update``."""
+    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Run ``h [L', B, in]`` through the given layer tensors."""
         for k, p in enumerate(layers):
             h = torch.baddbmm(p["b"].unsqueeze(1), h, p["w"])
             if k == len(layers) - 1:
                 break
             if self.batchnorm:
-                h = self._batchnorm(h, k, p, k_update)
+                h = self._batchnorm(h, k, p)
             # PReLU: one fused kernel each way, with the experts as F.prelu's channel dimension
             h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0) if self.prelu else torch.relu(h)
         return h
 
-    def _batchnorm(self, h: torch.Tensor, k: int, p: dict[str, torch.Tensor], update: bool) -> torch.Tensor:
-        """Per-expert BatchNorm1d over the ``B`` samples of each expert (dim 1)."""
+    def _batchnorm(self, h: torch.Tensor, k: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-expert BatchNorm1d over the ``B`` samples of each expert (dim 1); training mode updates the stats."""
         if self.training:
             batch = h.shape[1]
             if batch < 2:
                 raise ValueError(f"BatchNorm in training mode needs at least 2 samples per expert, got {batch}; "
                                  "raise the batch size or call .eval()")
             var, mean = torch.var_mean(h.float(), dim=1, correction=0)
-            if update:
-                with torch.no_grad():
-                    m, rm, rv = self.bn_momentum, getattr(self, f"running_mean_{k}"), getattr(self, f"running_var_{k}")
-                    rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
-                    rv.mul_(1 - m).add_((var * (batch / (batch - 1))).to(rv.dtype), alpha=m)
+            with torch.no_grad():
+                m, rm, rv = self.bn_momentum, getattr(self, f"running_mean_{k}"), getattr(self, f"running_var_{k}")
+                rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
+                rv.mul_(1 - m).add_((var * (batch / (batch - 1))).to(rv.dtype), alpha=m)
             mean, var = mean.to(h.dtype), var.to(h.dtype)
         else:
             mean, var = p["mean"].to(h.dtype), p["var"].to(h.dtype)
@@ -177,11 +146,8 @@ class StackedMLP(nn.Module):
         return (h - mean[:, None, :]) * scale[:, None, :] + p["beta"].to(h.dtype)[:, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Lockstep forward: ``x [L, B, n_in] -> [L, B, n_out]``, row ``l`` through expert ``l``.
-
-        A ``[B, n_in]`` input is sent through every expert (``-> [L, B, n_out]``). In training mode
-        with BatchNorm each expert normalizes over its own ``B`` samples. Taught in: book/momlp_grid_regression.
-        """
+        """Lockstep forward (training): ``x [L, B, n_in] -> [L, B, n_out]``, ``x[l]`` (or all ``x [B, n_in]``) through
+        expert ``l``."""
         L = self.num_experts
         self._check_dtype(x)
         if x.ndim == 2:
@@ -191,7 +157,7 @@ class StackedMLP(nn.Module):
                              f"{tuple(x.shape)}; for one leaf id per row use forward_routed")
         if self.batchnorm and self.training:
             self.num_batches_tracked.add_(1)
-        return self._run(x, self._layer_tensors(None), k_update=True)
+        return self._run(x, self._layer_tensors(None))
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -202,14 +168,12 @@ class StackedMLP(nn.Module):
                              "(or build the experts with that dtype)")
 
     def local_index(self, leaf: torch.Tensor) -> torch.Tensor:
-        """Global expert ids -> rows of this stack (ValueError for ids it lacks). Taught in: book/momlp_grid_regression."""
+        """Global expert ids -> rows of this stack (ValueError for ids it lacks)."""
         leaf = torch.as_tensor(leaf, device=self.expert_ids.device).long()
         ids = self.expert_ids
         table = torch.full((int(ids.max()) + 2,), -1, dtype=torch.long, device=ids.device)
         table[ids] = torch.arange(len(ids), device=ids.device)
-        # ids outside [0, max id] look up the table's last entry, which is always -1
-        inside = (leaf >= 0) & (leaf < len(table))
-        local = table[torch.where(inside, leaf, torch.full_like(leaf, len(table) - 1))]
+        local = table[leaf.clamp(-1, len(table) - 1)]  # ids outside [0, max id] read an entry that is -1
         if leaf.numel() and bool((local < 0).any()):
             missing = torch.unique(leaf[local < 0])[:10].tolist()
             raise ValueError(f"leaf ids {missing} name experts this stack does not hold (it holds {len(ids)} "
@@ -218,14 +182,10 @@ class StackedMLP(nn.Module):
         return local
 
     def forward_routed(self, x: torch.Tensor, leaf: torch.Tensor, max_block: int = _ROUTED_BLOCK) -> torch.Tensor:
-        """Routed forward: row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id).
+        """Routed forward (inference): row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]``, a global id.
 
-        Returns ``[N, n_out]`` in the input order. Rows are grouped by leaf (one sort), padded to
-        ``[L', rows, n_in]`` and run with batched matmuls in blocks of at most ``max_block``
-        activation elements — no loop over experts. ``L'`` is the number of experts that received
-        rows when that is at most half the stack (their weights are gathered), else all experts.
-        Training-mode BatchNorm is refused (padding would enter the statistics): call ``.eval()``
-        or train with :meth:`forward`. Taught in: book/momlp_grid_regression.
+        Returns ``[N, n_out]`` in input order. Rows are grouped by leaf (one sort), padded to ``[L', rows, n_in]``
+        and run in blocks of at most ``max_block`` activation elements. Training-mode BatchNorm is refused.
         """
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"forward_routed expects x of shape [N, {self.n_in}], got {tuple(x.shape)}")
@@ -240,137 +200,88 @@ class StackedMLP(nn.Module):
             return out
         local = self.local_index(leaf)
         order = torch.argsort(local, stable=True)
-        sorted_local = local[order]
-        present, counts = torch.unique_consecutive(sorted_local, return_counts=True)
-        group = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(len(order), device=x.device) - starts[group]
+        present, group, counts = torch.unique_consecutive(local[order], return_inverse=True, return_counts=True)
+        pos = torch.arange(len(order), device=x.device) - (torch.cumsum(counts, 0) - counts)[group]
         # few experts hit: gather just their weights; most hit: run all (a weight copy would cost more)
         compact = 2 * len(present) <= self.num_experts
         layers = self._layer_tensors(present if compact else None)
         rows = len(present) if compact else self.num_experts
         if not compact:
-            group = sorted_local
+            group = local[order]
         max_count = int(counts.max())
-        widest = max(self.n_in, self.width, self.n_out)
-        chunk = max(1, min(max_count, max_block // max(1, rows * widest)))
-        x_sorted = x[order]
-        y_sorted = out.new_empty(len(order), self.n_out)
+        chunk = max(1, min(max_count, max_block // max(1, rows * max(self.n_in, self.width, self.n_out))))
         for lo in range(0, max_count, chunk):  # loop over row blocks, not experts
-            hi = min(lo + chunk, max_count)
-            sel = (pos >= lo) & (pos < hi)
-            padded = x.new_zeros(rows, hi - lo, self.n_in)
-            padded[group[sel], pos[sel] - lo] = x_sorted[sel]
-            y = self._run(padded, layers, k_update=False)
-            y_sorted[sel] = y[group[sel], pos[sel] - lo].to(out.dtype)
-        out[order] = y_sorted
+            sel = (pos >= lo) & (pos < lo + chunk)
+            padded = x.new_zeros(rows, min(chunk, max_count - lo), self.n_in)
+            padded[group[sel], pos[sel] - lo] = x[order[sel]]
+            y = self._run(padded, layers)  # never training-mode BatchNorm (refused above)
+            out[order[sel]] = y[group[sel], pos[sel] - lo].to(out.dtype)
         return out
 
     def fold_affine_(self, in_shift: torch.Tensor | None = None, in_scale: torch.Tensor | None = None,
                      out_shift: torch.Tensor | None = None, out_scale: torch.Tensor | None = None) -> "StackedMLP":
-        """Fold per-expert standardization into the first and last layers (no extra parameters).
-
-        Expert ``l`` then computes ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]``
-        on raw ``x``; shapes ``[L, n_in]`` / ``[L, n_out]`` or broadcastable. Taught in: book/momlp_grid_regression.
-        """
+        """Fold per-expert standardization into the first and last layers: expert ``l`` then computes
+        ``out_scale[l] * g_l((x - in_shift[l]) / in_scale[l]) + out_shift[l]`` on raw ``x``."""
+        w0, b0, wl, bl, L = self.weights[0], self.biases[0], self.weights[-1], self.biases[-1], self.num_experts
         with torch.no_grad():
-            w0, b0 = self.weights[0], self.biases[0]
             if in_scale is not None:
-                w0.div_(in_scale.to(w0).expand(self.num_experts, self.n_in)[:, :, None])
+                w0.div_(in_scale.to(w0).expand(L, self.n_in)[:, :, None])
             if in_shift is not None:
-                shift = in_shift.to(w0).expand(self.num_experts, self.n_in)
-                b0.sub_(torch.einsum("li,lio->lo", shift, w0))
-            wl, bl = self.weights[-1], self.biases[-1]
+                b0.sub_(torch.einsum("li,lio->lo", in_shift.to(w0).expand(L, self.n_in), w0))
             if out_scale is not None:
-                scale = out_scale.to(wl).expand(self.num_experts, self.n_out)
+                scale = out_scale.to(wl).expand(L, self.n_out)
                 wl.mul_(scale[:, None, :])
                 bl.mul_(scale)
             if out_shift is not None:
-                bl.add_(out_shift.to(bl).expand(self.num_experts, self.n_out))
+                bl.add_(out_shift.to(bl).expand(L, self.n_out))
         return self
 
-    def _stacked_state(self) -> dict[str, torch.Tensor]:
-        """state_dict entries with a leading expert dimension (all but ``expert_ids``)."""
-        return {k: v for k, v in self.state_dict().items() if k != "expert_ids"}
-
     def expert_state(self, expert_id: int) -> dict[str, torch.Tensor]:
-        """The tensors of one expert (global id), cloned, without the expert dimension: one file per expert
-        (rebuild with :meth:`from_expert_states`). Taught in: book/serving_one_expert."""
+        """The tensors of one expert (global id), cloned, without the expert dimension: one file per expert."""
         row = int(self.local_index(torch.tensor([expert_id]))[0])
-        return {k: v[row].detach().clone() for k, v in self._stacked_state().items()}
-
-    @classmethod
-    def from_expert_states(cls, states: Sequence[Mapping[str, torch.Tensor]], config: ExpertConfig,
-                           expert_ids: Sequence[int] | torch.Tensor | None = None,
-                           device: torch.device | str | None = None) -> "StackedMLP":
-        """Build a stack from per-expert states (:meth:`expert_state`); ValueError if keys do not match ``config``.
-        Taught in: book/momlp_grid_regression."""
-        if len(states) == 0:
-            raise ValueError("from_expert_states needs at least one expert state, got none")
-        dtype = next(iter(states[0].values())).dtype
-        dtype = dtype if dtype.is_floating_point else None
-        stack = cls(len(states), expert_ids=expert_ids, device=device, dtype=dtype, **config)
-        want = stack._stacked_state()
-        for i, st in enumerate(states):
-            if set(st) != set(want):
-                raise ValueError(f"expert state {i} has keys {sorted(st)} but this config needs {sorted(want)}")
-        stacked = {k: torch.stack([st[k] for st in states]) for k in want}
-        stack.load_state_dict({**stacked, "expert_ids": stack.expert_ids}, strict=True)
-        return stack
+        return {k: v[row].clone() for k, v in self.state_dict().items() if k != "expert_ids"}
 
     def subset(self, expert_ids: Sequence[int] | torch.Tensor) -> "StackedMLP":
-        """A new stack with copies of the experts with these global ids, in order. Taught in: book/momlp_grid_regression."""
+        """A new stack with copies of the experts with these global ids, in this order."""
         ids = torch.as_tensor(expert_ids, dtype=torch.long).flatten()
         rows = self.local_index(ids)
-        dev = self.weights[0].device
-        stack = type(self)(len(ids), expert_ids=ids, device=dev, dtype=self.weights[0].dtype, **self.config)
-        with torch.no_grad():
-            for k, v in self._stacked_state().items():
-                stack._stacked_tensor(k).copy_(v.index_select(0, rows.to(v.device)))
-        stack.train(self.training)
-        return stack
+        stack = type(self)(len(ids), expert_ids=ids, device=self.weights[0].device, dtype=self.weights[0].dtype,
+                           **self.config)
+        stack.load_state_dict({k: v.index_select(0, rows.to(v.device)) for k, v in self.state_dict().items()})
+        return stack.train(self.training)
 
     def load_experts_(self, other: "StackedMLP") -> "StackedMLP":
-        """Copy every expert of ``other`` into this stack's rows of the same ids. Taught in: book/momlp_grid_regression."""
+        """Copy every expert of ``other`` into this stack's rows of the same ids."""
         if other.config != self.config:
             raise ValueError(f"cannot load experts of shape {other.config} into a stack of shape {self.config}")
         rows = self.local_index(other.expert_ids.to(self.expert_ids.device))
+        mine = self.state_dict()  # its tensors share the storage; other's expert_ids are copied onto themselves
         with torch.no_grad():
-            for k, v in other._stacked_state().items():
-                (dst := self._stacked_tensor(k)).index_copy_(0, rows.to(dst.device), v.to(dst.device, dst.dtype))
+            for k, v in other.state_dict().items():
+                mine[k].index_copy_(0, rows.to(mine[k].device), v.to(mine[k].device, mine[k].dtype))
         return self
 
-    def _stacked_tensor(self, key: str) -> torch.Tensor:
-        """The live parameter/buffer behind a state_dict key."""
-        obj: Any = self
-        for part in key.split("."):
-            obj = obj[int(part)] if isinstance(obj, nn.ParameterList) else getattr(obj, part)
-        return obj
-
-    def _module_layout(self) -> list[tuple[str, str, Any]]:
-        """``(nn.Sequential key, stacked key, how)``: how is ``"T"`` (transpose), a slope column, or ``None``."""
-        out: list[tuple[str, str, Any]] = []
-        i = 0
+    def _pairs(self, module: nn.Sequential, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(view of this stack's row, the same tensor of an expert_module)`` for every parameter and buffer."""
+        st, layers, pairs = self.state_dict(), iter(module), []  # state_dict tensors share the storage
         for k in range(len(self.weights)):
-            out += [(f"{i}.weight", f"weights.{k}", "T"), (f"{i}.bias", f"biases.{k}", None)]
-            i += 1
+            linear = next(layers)
+            pairs += [(st[f"weights.{k}"][row].T, linear.weight), (st[f"biases.{k}"][row], linear.bias)]
             if k == self.hidden_layers:
-                break
+                return pairs
             if self.batchnorm:
-                out += [(f"{i}.{a}", b, None) for a, b in (
-                    ("weight", f"bn_weight.{k}"), ("bias", f"bn_bias.{k}"), ("running_mean", f"running_mean_{k}"),
-                    ("running_var", f"running_var_{k}"), ("num_batches_tracked", "num_batches_tracked"))]
-                i += 1
+                bn = next(layers)
+                pairs += [(st[f"bn_weight.{k}"][row], bn.weight), (st[f"bn_bias.{k}"][row], bn.bias),
+                          (st[f"running_mean_{k}"][row], bn.running_mean),
+                          (st[f"running_var_{k}"][row], bn.running_var),
+                          (st["num_batches_tracked"][row], bn.num_batches_tracked)]
+            activation = next(layers)
             if self.prelu:
-                out.append((f"{i}.weight", "slopes", k))
-            i += 1
-        return out
+                pairs.append((st["slopes"][row, k : k + 1], activation.weight))
+        return pairs
 
     def expert_module(self, expert_id: int) -> nn.Sequential:
-        """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies).
-
-        It computes exactly what this stack computes for that expert. Taught in: book/momlp_grid_regression.
-        """
+        """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies)."""
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         mods: list[nn.Module] = []
         for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -380,19 +291,17 @@ class StackedMLP(nn.Module):
                     mods.append(nn.BatchNorm1d(b, eps=self.bn_eps, momentum=self.bn_momentum))
                 mods.append(nn.PReLU() if self.prelu else nn.ReLU())
         seq = nn.Sequential(*mods).to(self.weights[0].device, self.weights[0].dtype)
-        st = self.expert_state(expert_id)
-        seq.load_state_dict({a: st[b].T if how == "T" else st[b][how].reshape(1) if isinstance(how, int) else st[b]
-                             for a, b, how in self._module_layout()})
+        with torch.no_grad():
+            for mine, theirs in self._pairs(seq, int(self.local_index(torch.tensor([expert_id]))[0])):
+                theirs.copy_(mine)
         return seq
 
     def load_expert_module_(self, expert_id: int, module: nn.Sequential) -> "StackedMLP":
-        """Write an :meth:`expert_module` back into row ``expert_id``. Taught in: book/momlp_grid_regression."""
-        row = int(self.local_index(torch.tensor([expert_id]))[0])
-        sd, layout = module.state_dict(), self._module_layout()
-        if set(sd) != {a for a, _, _ in layout}:
+        """Write an :meth:`expert_module` back into row ``expert_id``."""
+        want = {k: v.shape for k, v in self.expert_module(expert_id).state_dict().items()}
+        if {k: v.shape for k, v in module.state_dict().items()} != want:
             raise ValueError("module does not have this stack's layout; build it with expert_module()")
         with torch.no_grad():
-            for a, b, how in layout:
-                dst, v = self._stacked_tensor(b), sd[a]
-                dst[(row, how) if isinstance(how, int) else row] = v.T if how == "T" else v.reshape(()) if isinstance(how, int) else v
+            for mine, theirs in self._pairs(module, int(self.local_index(torch.tensor([expert_id]))[0])):
+                mine.copy_(theirs)
         return self

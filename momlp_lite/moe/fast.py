@@ -1,24 +1,18 @@
-"""The opt-in fast path of the lockstep trainer: GPU levers, off the reading path.
-
-:class:`FastStep` is :class:`momlp_lite.moe.trainer.LockstepStep` with fused (or foreach) Adam,
-bf16 autocast (fp32 master weights), ``torch.compile`` of forward+loss and a CUDA graph of the whole
-step (captured on the first call, after warm-up steps whose effect is undone). CUDA-only levers are
-ignored elsewhere. The benchmarks use it; :func:`train_experts_fast` is ``train_experts`` with it.
-Taught in: book/momlp_grid_regression (its throughput figure).
-"""
+"""The opt-in fast path of the lockstep trainer: fused Adam, bf16 autocast (fp32 master weights), ``torch.compile``,
+CUDA graphs; CUDA-only levers are ignored elsewhere. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .experts import StackedMLP
-from .trainer import TrainConfig, TrainResult, make_optimizer, per_expert_loss, train_experts
+from .trainer import TrainConfig, make_optimizer, per_expert_loss
 
-__all__ = ["FastOptions", "FastStep", "train_experts_fast"]
+__all__ = ["FastOptions", "FastStep"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +27,10 @@ class FastOptions:
 
 
 class FastStep:
-    """One lockstep step with the levers of ``options``: ``step(xb [L, B, in], yb) -> losses [L]``.
-    Taught in: book/momlp_grid_regression."""
+    """``LockstepStep`` with the levers of ``options``; train with it by ``train_experts(..., make_step=lambda net,
+    cfg: FastStep(net, cfg, options))``. A CUDA graph records the whole step on the first call, after warm-up
+    steps whose effect is undone. Taught in: book/momlp_grid_regression.
+    """
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig, options: FastOptions = FastOptions(),
                  device: torch.device | str | None = None) -> None:
@@ -52,15 +48,11 @@ class FastStep:
             self._loss = torch.compile(self._eager_loss, mode=None if options.compile is True else str(options.compile))
         self._graph: Any = None
 
-    def autocast(self) -> Any:
-        """bf16 autocast when asked for (weight-cast cache off under CUDA graphs), else a no-op.
-        Taught in: book/momlp_grid_regression."""
-        if not self.opts.bf16:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
-
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
+        autocast: Any = nullcontext()
+        if self.opts.bf16:  # without the weight-cast cache under CUDA graphs
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
+        with autocast:
             pred = self.net(xb)
         return per_expert_loss(pred, yb, self.cfg.loss)
 
@@ -101,12 +93,3 @@ class FastStep:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._losses = self._eager_step(self._x, self._y)
-
-
-def train_experts_fast(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
-                       config: TrainConfig | None = None, options: FastOptions = FastOptions(),
-                       expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
-    """:func:`momlp_lite.moe.trainer.train_experts` with :class:`FastStep` (same loop, same records).
-    Taught in: book/momlp_grid_regression."""
-    return train_experts(model, x, y, leaf, config, expert_ids,
-                         make_step=lambda net, cfg: FastStep(net, cfg, options))

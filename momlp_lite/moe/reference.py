@@ -1,9 +1,5 @@
-"""The plain reference for Algorithm 2: one ``nn.Sequential`` and one optimizer per expert, one after another.
-
-Independent of the lockstep trainer except for the data order (:mod:`momlp_lite.moe.order`) and the
-checks of :func:`momlp_lite.moe.trainer.plan_training`, so the test "lockstep == serial" also
-checks the lockstep loop itself. Slow by design. Taught in: book/momlp_grid_regression.
-"""
+"""The plain reference for Algorithm 2, sharing only the data order (and the checks) with the lockstep trainer, so
+"lockstep == serial" tests the lockstep loop itself. Slow by design. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -29,22 +25,21 @@ def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, le
     """Train each expert alone with its own ``torch.optim.Adam``/``AdamW``; same arguments as ``train_experts``.
     Taught in: book/momlp_grid_regression."""
     cfg = config or TrainConfig()
-    job = plan_training(model, x, y, leaf, cfg, expert_ids)
-    dev, s = job.device, job.split
+    ids, skipped, s, steps, every, dev = plan_training(model, x, y, leaf, cfg, expert_ids)
     crit = F.mse_loss if cfg.loss == "mse" else F.cross_entropy
-    evals = list(range(0, job.steps, job.eval_every)) + [job.steps]
-    out = {k: np.full((len(evals), len(job.ids)), np.nan) for k in ("train", "val")}
-    best_val, best_step, stop_step = np.full(len(job.ids), np.inf), np.zeros(len(job.ids), int), np.full(len(job.ids), -1)
+    evals = list(range(0, steps, every)) + [steps]
+    hist = np.full((2, len(evals), len(ids)), np.nan)  # train and validation loss at every evaluation
+    best_val, best_step, stop_step = np.full(len(ids), np.inf), np.where(s.n_val > 0, 0, -1), np.full(len(ids), -1)
     t0, last, trained = time.perf_counter(), 0, []
-    for j, gid in enumerate(job.ids.tolist()):
+    for j, gid in enumerate(ids.tolist()):
         net = model.expert_module(gid).to(dev)
         opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(
             net.parameters(), lr=cfg.lr, **({} if cfg.weight_decay is None else {"weight_decay": cfg.weight_decay}))
         tr, va = s.rows_of(j)
         xt, yt, xv, yv = x[tr].to(dev), y[tr].to(dev), x[va].to(dev), y[va].to(dev)
-        order = LockstepSampler(s.n_train[j : j + 1], job.ids[j : j + 1], cfg.batch_size, cfg.seed, dev)
+        order = LockstepSampler(s.n_train[j : j + 1], ids[j : j + 1], cfg.batch_size, cfg.seed, dev)
         best, bad, losses = copy.deepcopy(net.state_dict()), 0, []
-        for step in range(job.steps + 1):
+        for step in range(steps + 1):
             if step in evals:
                 net.eval()
                 with torch.no_grad():
@@ -53,8 +48,8 @@ def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, le
                 train = float(np.mean(losses)) if losses else math.nan
                 if (losses and not math.isfinite(train)) or (len(va) and not math.isfinite(val)):
                     raise NonFiniteLossError([gid], step)
-                e, losses = evals.index(step), []
-                out["train"][e, j], out["val"][e, j] = train, val
+                hist[:, evals.index(step), j] = train, val
+                losses = []
                 if len(va) and val < best_val[j] - cfg.min_delta:
                     best, best_val[j], best_step[j], bad = copy.deepcopy(net.state_dict()), val, step, 0
                 elif len(va):
@@ -62,7 +57,7 @@ def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, le
                 if len(va) and cfg.patience is not None and bad >= cfg.patience:
                     stop_step[j] = step
                     break
-            if step == job.steps:
+            if step == steps:
                 break
             i = order.indices(step)[0]
             loss = crit(net(xt[i]), yt[i])
@@ -73,12 +68,10 @@ def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, le
         last = max(last, step)
         if len(va):
             net.load_state_dict(best)
-        else:
-            best_step[j] = -1
         trained.append((gid, net))
     for gid, net in trained:  # written back only once every expert trained without error
         model.load_expert_module_(gid, net.to(model.weights[0].device))
     rows = [e for e, st in enumerate(evals) if st <= last]
-    return TrainResult(job.ids.tolist(), job.skipped, s.n_train.numpy(), s.n_val.numpy(), [evals[e] for e in rows],
-                       out["train"][rows], out["val"][rows], best_val, best_step, stop_step, last, cfg.batch_size,
-                       time.perf_counter() - t0, str(dev), cfg)
+    return TrainResult(ids.tolist(), skipped, s.n_train.numpy(), s.n_val.numpy(), [evals[e] for e in rows],
+                       hist[0][rows], hist[1][rows], best_val, best_step, stop_step, last, time.perf_counter() - t0,
+                       str(dev))

@@ -1,11 +1,8 @@
-"""Parameter counts of MLPs and the dense width that matches a parameter budget.
-
-Taught in: book/momlp_grid_regression (the equal-parameter baseline).
-"""
+"""Parameter counts of MLPs and the dense width that matches a budget. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
-import math
+import bisect
 
 from ..runtime import check_positive_int
 
@@ -14,11 +11,8 @@ __all__ = ["mlp_parameter_count", "dense_width_for_parameters"]
 
 def mlp_parameter_count(n_in: int, width: int, hidden_layers: int, n_out: int = 1, prelu: bool = False,
                         batchnorm: bool = False) -> int:
-    """Parameters of an MLP ``n_in → width (× hidden_layers) → n_out`` with biases.
-
-    ``prelu`` adds one slope per hidden layer; ``batchnorm`` a scale and a shift per hidden unit
-    (running statistics are buffers, not parameters). Taught in: book/momlp_grid_regression.
-    """
+    """Parameters of an MLP ``n_in → width (× hidden_layers) → n_out`` with biases (``prelu``: a slope per hidden
+    layer; ``batchnorm``: a scale and a shift per hidden unit). Taught in: book/momlp_grid_regression."""
     for name, v in (("n_in", n_in), ("width", width), ("hidden_layers", hidden_layers), ("n_out", n_out)):
         check_positive_int(name, v)
     count = (n_in + 1) * width + (hidden_layers - 1) * (width + 1) * width + (width + 1) * n_out
@@ -27,23 +21,10 @@ def mlp_parameter_count(n_in: int, width: int, hidden_layers: int, n_out: int = 
 
 def dense_width_for_parameters(budget: int, n_in: int, hidden_layers: int, n_out: int = 1, prelu: bool = False,
                                batchnorm: bool = False) -> int:
-    """Largest width (at least 1) whose MLP has at most ``budget`` parameters: the equal-parameter baseline.
-
-    Taught in: book/momlp_grid_regression.
-    """
+    """Largest width (at least 1) whose MLP has at most ``budget`` parameters. Taught in: book/momlp_grid_regression."""
     for name, v in (("budget", budget), ("n_in", n_in), ("hidden_layers", hidden_layers), ("n_out", n_out)):
         check_positive_int(name, v)
-
-    def count(w: int) -> int:
-        return mlp_parameter_count(n_in, w, hidden_layers, n_out, prelu, batchnorm)
-
-    # solve the quadratic for a first guess, then step to the exact answer
-    a = hidden_layers - 1
-    b = n_in + 1 + (hidden_layers - 1) + n_out + (2 * hidden_layers if batchnorm else 0)
-    c = n_out + (hidden_layers if prelu else 0) - budget
-    w = max(1, int((-c / b) if a == 0 else (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
-    while w > 1 and count(w) > budget:
-        w -= 1
-    while count(w + 1) <= budget:
-        w += 1
-    return w
+    # the count grows with the width: bisect for the number of widths 1, 2, ... that fit
+    fits = bisect.bisect_right(range(1, budget + 1), budget,
+                               key=lambda w: mlp_parameter_count(n_in, w, hidden_layers, n_out, prelu, batchnorm))
+    return max(1, fits)

@@ -1,25 +1,11 @@
-"""Algorithm 2 in lockstep: train every expert only on its own leaf's data, all experts at once.
-
-The book's reading of Kratsios et al.'s "Algorithm 2: MoMLPs Training" (its text is not available):
-partition the training set by leaf, hold out a validation split *per expert*, and train each expert
-independently on its own shard with early stopping on its own validation loss.
-
-:func:`train_experts` runs all experts in **lockstep**: every step draws ``B`` samples from each
-expert's shard, runs the stacked experts on the ``[L, B, n]`` batch, sums the per-expert mean losses
-and takes one Adam/AdamW step. The sum keeps experts independent (expert ``l``'s parameters only
-reach expert ``l``'s loss, and Adam acts element-wise); only a global gradient clip would couple
-them. :func:`momlp_lite.moe.reference.train_experts_serial` is the plain loop it is tested against.
-GPU levers (fused Adam, bf16, ``torch.compile``, CUDA graphs) live in :mod:`momlp_lite.moe.fast`.
-
-Taught in: book/momlp_grid_regression.
-"""
+"""Algorithm 2 in lockstep: all experts train at once, each on its own leaf. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -34,9 +20,7 @@ from .order import LeafSplit, LockstepSampler, split_by_leaf
 __all__ = ["TrainConfig", "TrainResult", "NonFiniteLossError", "LockstepStep", "per_expert_loss",
            "train_experts"]
 
-LOSSES = ("mse", "cross_entropy")
-OPTIMIZERS = ("adam", "adamw")
-EVAL_CHUNK = 256  # validation rows per expert per forward: fixed, so no expert's loss depends on its group
+_EVAL_CHUNK = 256  # validation rows per expert per forward: fixed, so no expert's loss depends on its group
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,40 +35,35 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train experts (defaults: Kratsios et al.'s regression setting, Adam 1e-4).
+    """How to train experts (defaults: Kratsios et al.'s regression setting, Adam 1e-4); ``batch_size`` is per expert.
 
-    ``loss`` is ``"mse"`` (targets ``[N, n_out]``) or ``"cross_entropy"`` (class ids ``[N]``);
-    ``optimizer`` ``"adam"`` or ``"adamw"``; ``weight_decay=None`` keeps the optimizer's default.
-    ``batch_size`` samples are drawn from *each* expert's shard per step; ``max_steps`` steps, or
-    ``max_epochs`` passes over the largest shard when set. ``val_fraction`` of each leaf is held out;
-    an expert stops after ``patience`` evaluations (every ``eval_every`` steps, default one epoch of
-    the largest shard) without beating its best by ``min_delta`` (``patience=None``: never).
-    ``seed`` fixes the split and the data order; ``device=None`` picks one. Taught in:
-    book/momlp_grid_regression.
+    ``max_epochs`` (of the largest shard) overrides ``max_steps``. An expert stops after ``patience`` evaluations
+    (every ``eval_every`` steps, default one epoch) without beating its best by ``min_delta``.
+    Taught in: book/momlp_grid_regression.
     """
 
     loss: str = "mse"
     optimizer: str = "adam"
     lr: float = 1e-4
-    weight_decay: float | None = None
+    weight_decay: float | None = None  # None: the optimizer's default
     batch_size: int = 128
     max_steps: int = 1000
     max_epochs: float | None = None
     val_fraction: float = 0.1
-    patience: int | None = 10
+    patience: int | None = 10  # None: never stop early
     eval_every: int | None = None
     min_delta: float = 0.0
-    seed: int = 0
+    seed: int = 0  # fixes the split and the data order
     progress: bool = True
-    device: str | None = None
+    device: str | None = None  # None: runtime.get_device picks one
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("batch_size", "max_steps") + tuple(n for n in ("patience", "eval_every") if getattr(self, n) is not None):
-            check_positive_int(name, getattr(self, name))
+        for name, allowed in (("loss", ("mse", "cross_entropy")), ("optimizer", ("adam", "adamw"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "max_steps", "patience", "eval_every"):
+            if name in ("batch_size", "max_steps") or getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         for name, low, high, closed in (("lr", 0, math.inf, False), ("weight_decay", 0, math.inf, True),
                                         ("max_epochs", 0, math.inf, False), ("val_fraction", 0, 1, True),
                                         ("min_delta", 0, math.inf, True)):
@@ -100,13 +79,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a training run did; the model itself is updated in place. Taught in: book/momlp_grid_regression.
-
-    Arrays indexed ``[..., j]`` follow ``expert_ids[j]``; histories have one row per evaluation
-    (``eval_steps``), NaN where an expert had no validation data or had already stopped.
-    ``stop_step`` is -1 for experts that never stopped early; ``best_step`` is -1 (and ``best_val``
-    inf) for experts without validation data (they keep their final parameters).
-    """
+    """What a training run did; column ``j`` is ``expert_ids[j]``, histories have a row per ``eval_steps`` (NaN
+    when stopped or without validation data), and -1 steps mean "never". Taught in: book/momlp_grid_regression."""
 
     expert_ids: list[int]
     skipped_ids: list[int]
@@ -119,50 +93,35 @@ class TrainResult:
     best_step: np.ndarray
     stop_step: np.ndarray
     steps_run: int
-    batch_size: int
     seconds: float
     device: str
-    config: TrainConfig = field(repr=False)
 
-    @property
-    def samples_per_second(self) -> float:
-        """Training samples processed per second (all experts together). Taught in: book/momlp_grid_regression."""
-        return self.steps_run * self.batch_size * len(self.expert_ids) / max(self.seconds, 1e-12)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers (JSON-ready; NaN stays NaN), without the config object.
-        Taught in: book/momlp_grid_regression."""
-        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items() if k != "config"}
-        return {**out, "samples_per_second": self.samples_per_second}
-
-    def history(self, expert_id: int) -> dict[str, np.ndarray]:
-        """Evaluation steps with train/validation loss of one expert (global id).
-        Taught in: book/momlp_grid_regression."""
-        j = self.expert_ids.index(int(expert_id))
-        return {"step": np.asarray(self.eval_steps), "train_loss": self.train_loss[:, j], "val_loss": self.val_loss[:, j]}
+def _row_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Loss of every row: ``[L, B, out]`` -> ``[L, B]``."""
+    if loss == "mse":
+        return (pred.float() - target.float()).pow(2).mean(-1)
+    L, B, C = pred.shape
+    return F.cross_entropy(pred.float().reshape(L * B, C), target.reshape(L * B), reduction="none").view(L, B)
 
 
 def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Mean loss of each expert: ``pred [L, B, out]``, target ``[L, B, out]`` (or ``[L, B]`` ids) -> ``[L]``.
     Taught in: book/momlp_grid_regression."""
-    if loss == "mse":
+    if loss == "mse":  # one mean over all B * out elements
         return (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
-    L, B, C = pred.shape
-    return F.cross_entropy(pred.float().reshape(L * B, C), target.reshape(L * B), reduction="none").view(L, B).mean(1)
+    return _row_losses(pred, target, loss).mean(1)
 
 
 def make_optimizer(params: Any, cfg: TrainConfig, **extra: Any) -> torch.optim.Optimizer:
-    """``torch.optim.Adam``/``AdamW`` with the config's learning rate and weight decay.
-    Taught in: book/momlp_grid_regression."""
+    """``torch.optim.Adam``/``AdamW`` with the config's learning rate and weight decay."""
     wd = {} if cfg.weight_decay is None else {"weight_decay": cfg.weight_decay}
     return (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(params, lr=cfg.lr, **wd, **extra)
 
 
 class LockstepStep:
-    """One step of Algorithm 2 for ``L`` experts: stacked forward, per-expert mean losses summed, one Adam step.
-
-    ``step(xb [L, B, in], yb) -> losses [L]``. Taught in: book/momlp_grid_regression.
-    """
+    """One step of Algorithm 2: stacked forward, per-expert mean losses summed (the experts stay independent), one
+    Adam step; ``step(xb [L, B, in], yb) -> losses [L]``. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig) -> None:
         # foreach: one kernel per op over all parameter tensors (the same update as the default loop)
@@ -176,7 +135,6 @@ class LockstepStep:
         return losses.detach()
 
 
-# ---------------------------------------------------------------------------- checks and the plan
 def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None:
     """Shapes, dtypes and finiteness of the training data, with errors that name the value and the fix."""
     for name, t in (("x", x), ("y", y), ("leaf", leaf)):
@@ -200,9 +158,8 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
                              f"got min {int(y.min())}, max {int(y.max())}")
     else:
         if y.ndim != 2 or y.shape[1] != model.n_out:
-            hint = "; use y[:, None]" if y.ndim == 1 else ""
             raise ValueError(f"mse needs targets y of shape [N, {model.n_out}] (the model's n_out), got "
-                             f"{tuple(y.shape)}{hint}")
+                             f"{tuple(y.shape)}{'; use y[:, None]' if y.ndim == 1 else ''}")
         if not y.is_floating_point():
             raise ValueError(f"mse needs floating targets, got {y.dtype}; pass y.float()")
     for name, t in (("x", x), ("y", y)):
@@ -213,23 +170,10 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
                              f"{t[row].tolist()}); drop or impute those rows before training")
 
 
-@dataclass
-class Plan:
-    """Which experts train (``ids``), their split, the step budget, evaluation interval and device.
-    Taught in: book/momlp_grid_regression."""
-
-    ids: torch.Tensor
-    skipped: list[int]
-    split: LeafSplit
-    steps: int
-    eval_every: int
-    device: torch.device
-
-
 def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
-                  expert_ids: Sequence[int] | torch.Tensor | None) -> Plan:
-    """Check the data and decide what to train (shared by the lockstep trainer and its reference).
-    Taught in: book/momlp_grid_regression."""
+                  expert_ids: Sequence[int] | torch.Tensor | None
+                  ) -> tuple[torch.Tensor, list[int], LeafSplit, int, int, torch.device]:
+    """Check the data and decide what to train (both trainers): ids, skipped ids, split, steps, eval_every, device."""
     _check_data(model, x, y, leaf, cfg.loss)
     leaf = leaf.long()
     ids = model.expert_ids.cpu() if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
@@ -252,39 +196,12 @@ def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig
     n_max = int(split.n_train.max())
     steps = cfg.max_steps if cfg.max_epochs is None else math.ceil(cfg.max_epochs * n_max / cfg.batch_size)
     every = cfg.eval_every or max(1, math.ceil(n_max / cfg.batch_size))
-    return Plan(keep, empty, split, max(1, steps), every, get_device(cfg.device))
-
-
-def validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
-                    loss: str) -> torch.Tensor:
-    """Mean validation loss per expert (NaN without validation rows), from ``[L, V, ...]`` padded rows.
-
-    Every expert's rows run in chunks of exactly ``EVAL_CHUNK`` (zero padded), so its loss is the same
-    bit for bit whichever experts share its lockstep group. Taught in: book/momlp_grid_regression.
-    """
-    L, V = x_val.shape[:2]
-    total = torch.zeros(L, device=x_val.device)
-    net.eval()
-    with torch.no_grad():
-        for c in range(0, V, EVAL_CHUNK):
-            rows = _row_losses(net(x_val[:, c : c + EVAL_CHUNK]), y_val[:, c : c + EVAL_CHUNK], loss)
-            mask = torch.arange(c, c + EVAL_CHUNK, device=x_val.device) < n_val.to(x_val.device)[:, None]
-            total += torch.where(mask, rows, torch.zeros_like(rows)).sum(1)
-    net.train()
-    return (total.cpu() / n_val.clamp(min=1)).where(n_val > 0, torch.tensor(float("nan")))
-
-
-def _row_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Loss of every row: ``[L, C, out]`` -> ``[L, C]``."""
-    if loss == "mse":
-        return (pred.float() - target.float()).pow(2).mean(-1)
-    L, C, K = pred.shape
-    return F.cross_entropy(pred.float().reshape(L * C, K), target.reshape(L * C), reduction="none").view(L, C)
+    return keep, empty, split, max(1, steps), every, get_device(cfg.device)
 
 
 def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows grouped by expert (``counts[j]`` each) as ``[L, ceil(max/EVAL_CHUNK)*EVAL_CHUNK, ...]``, zero padded."""
-    width = max(1, math.ceil(int(counts.max()) / EVAL_CHUNK)) * EVAL_CHUNK
+    """Rows grouped by expert (``counts[j]`` each) as ``[L, V, ...]``, zero padded to a multiple of the chunk."""
+    width = max(1, math.ceil(int(counts.max()) / _EVAL_CHUNK)) * _EVAL_CHUNK
     local = torch.repeat_interleave(torch.arange(len(counts)), counts).to(t.device)
     pos = torch.arange(len(t), device=t.device) - (torch.cumsum(counts, 0) - counts).to(t.device)[local]
     out = t.new_zeros(len(counts), width, *t.shape[1:])
@@ -292,35 +209,38 @@ def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------- the trainer
-def train_experts(
-    model: StackedMLP,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    leaf: torch.Tensor,
-    config: TrainConfig | None = None,
-    expert_ids: Sequence[int] | torch.Tensor | None = None,
-    *,
-    make_step: Callable[[StackedMLP, TrainConfig], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = LockstepStep,
-) -> TrainResult:
-    """Algorithm 2 in lockstep: train every expert on its own leaf's rows, all at once.
+def _validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
+                     loss: str) -> torch.Tensor:
+    """Mean validation loss per expert (NaN without rows), in fixed chunks: the same bit for bit in any group."""
+    L, V = x_val.shape[:2]
+    total = torch.zeros(L, device=x_val.device)
+    net.eval()
+    with torch.no_grad():
+        for c in range(0, V, _EVAL_CHUNK):
+            rows = _row_losses(net(x_val[:, c : c + _EVAL_CHUNK]), y_val[:, c : c + _EVAL_CHUNK], loss)
+            mask = torch.arange(c, c + _EVAL_CHUNK, device=x_val.device) < n_val.to(x_val.device)[:, None]
+            total += torch.where(mask, rows, torch.zeros_like(rows)).sum(1)
+    net.train()
+    return (total.cpu() / n_val.clamp(min=1)).where(n_val > 0, torch.tensor(float("nan")))
 
-    ``model`` (global ids ``model.expert_ids``) is updated in place; ``x [N, n_in]``, ``y`` (``[N, n_out]``
-    for mse, ``[N]`` ids for cross_entropy) and ``leaf [N]`` (each row's expert id, from a routing tree).
-    ``expert_ids`` trains only those experts (e.g. one process's share). ``make_step`` builds the step
-    (default :class:`LockstepStep`; :mod:`momlp_lite.moe.fast` passes its GPU step). Experts with a
-    validation split end at their best evaluation; experts without data are skipped with a warning.
-    Raises :class:`NonFiniteLossError` when an active expert's loss becomes NaN or infinite.
-    Taught in: book/momlp_grid_regression.
+
+def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
+                  config: TrainConfig | None = None, expert_ids: Sequence[int] | torch.Tensor | None = None, *,
+                  make_step: Callable[[StackedMLP, TrainConfig], Callable[..., torch.Tensor]] = LockstepStep
+                  ) -> TrainResult:
+    """Algorithm 2 in lockstep: train every expert (or those of ``expert_ids``) on its leaf's rows, in place.
+
+    ``y``: ``[N, n_out]`` for mse, ``[N]`` class ids for cross_entropy; ``leaf [N]``: each row's expert id.
+    Experts end at their best evaluation. Taught in: book/momlp_grid_regression.
     """
     cfg = config or TrainConfig()
-    job = plan_training(model, x, y, leaf, cfg, expert_ids)
-    dev, s, L = job.device, job.split, len(job.ids)
-    net = model.subset(job.ids).to(dev)
+    ids, skipped, s, steps, every, dev = plan_training(model, x, y, leaf, cfg, expert_ids)
+    L = len(ids)
+    net = model.subset(ids).to(dev)
     step_fn = make_step(net, cfg)
     x_tr, y_tr, offsets = x[s.train_rows].to(dev), y[s.train_rows].to(dev), s.train_offsets.to(dev)
     x_va, y_va = _padded(x[s.val_rows].to(dev), s.n_val), _padded(y[s.val_rows].to(dev), s.n_val)
-    sampler = LockstepSampler(s.n_train, job.ids, cfg.batch_size, cfg.seed, dev)
+    sampler = LockstepSampler(s.n_train, ids, cfg.batch_size, cfg.seed, dev)
     has_val, active = s.n_val > 0, torch.ones(L, dtype=torch.bool)
     best_val, best_step = torch.full((L,), math.inf), torch.where(has_val, 0, -1)
     stop_step, bad = torch.full((L,), -1), torch.zeros(L, dtype=torch.long)
@@ -329,14 +249,14 @@ def train_experts(
     hist: dict[str, list] = {"step": [], "train": [], "val": []}
     running, since, step = torch.zeros(L, device=dev), 0, 0
     t0 = time.perf_counter()
-    with tqdm(total=job.steps, desc=f"lockstep x{L} experts", disable=not cfg.progress, leave=False) as bar:
+    with tqdm(total=steps, desc=f"lockstep x{L} experts", disable=not cfg.progress, leave=False) as bar:
         while True:
-            if step == 0 or step % job.eval_every == 0 or step == job.steps:       # evaluate
-                val = validation_loss(net, x_va, y_va, s.n_val, cfg.loss)
+            if step % every == 0 or step == steps:                                 # evaluate
+                val = _validation_loss(net, x_va, y_va, s.n_val, cfg.loss)
                 train = (running / since).cpu() if since else torch.full((L,), math.nan)
                 broken = active & ((~torch.isfinite(train) if since else False) | has_val & ~torch.isfinite(val))
                 if bool(broken.any()):
-                    raise NonFiniteLossError(job.ids[broken].tolist(), step)
+                    raise NonFiniteLossError(ids[broken].tolist(), step)
                 hist["step"].append(step)
                 hist["train"].append(train.where(active, nan))
                 hist["val"].append(val.where(active, nan))
@@ -350,7 +270,7 @@ def train_experts(
                     stop_step[stopping], active[stopping] = step, False
                 running, since = torch.zeros(L, device=dev), 0
                 bar.set_postfix(active=int(active.sum()))
-            if step == job.steps or not bool(active.any()):
+            if step == steps or not bool(active.any()):
                 break
             idx = offsets[:, None] + sampler.indices(step)                        # sample
             running += step_fn(x_tr[idx], y_tr[idx])                              # step
@@ -363,9 +283,6 @@ def train_experts(
         for k, v in net.state_dict().items():
             v[has_val.to(v.device)] = best[k][has_val.to(v.device)]
     model.load_experts_(net)
-    return TrainResult(job.ids.tolist(), job.skipped, s.n_train.numpy(), s.n_val.numpy(), hist["step"],
+    return TrainResult(ids.tolist(), skipped, s.n_train.numpy(), s.n_val.numpy(), hist["step"],
                        torch.stack(hist["train"]).numpy(), torch.stack(hist["val"]).numpy(), best_val.numpy(),
-                       best_step.numpy(), stop_step.numpy(), step, cfg.batch_size, seconds, str(dev), cfg)
-
-
-
+                       best_step.numpy(), stop_step.numpy(), step, seconds, str(dev))
