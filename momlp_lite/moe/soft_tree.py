@@ -1,7 +1,5 @@
 """A learned soft binary routing tree over stacked leaf experts (Belcak & Wattenhofer's fast feedforward networks).
-
-Taught in: book/routing_families. Heap-ordered nodes as in ``RoutingTree``; the entropy hardening is the book's reading.
-"""
+Heap-ordered nodes as in ``RoutingTree``. Taught in: book/routing_families."""
 
 from __future__ import annotations
 
@@ -26,8 +24,7 @@ class SoftTreeMoE(nn.Module):
 
     Node ``i`` sends ``x`` right with probability ``σ(w_i·x + b_i)``. Training mode: soft, ``y = Σ_leaf p_leaf(x) ·
     f_leaf(x)``; eval mode: hard, the one leaf reached by the signs. ``last_aux``: ``hardening`` (mean leaf entropy,
-    a loss term), ``expert_load`` (``[2**depth]``) and ``dropped`` (0.0). Taught in: book/routing_families.
-    """
+    a loss term), ``expert_load`` (``[2**depth]``) and ``dropped`` (0.0). Taught in: book/routing_families."""
 
     def __init__(self, n_in: int, n_out: int, depth: int, width: int, hidden_layers: int, *,
                  generator: torch.Generator | None = None) -> None:
@@ -52,9 +49,6 @@ class SoftTreeMoE(nn.Module):
     def params_active(self) -> int:
         """Parameters one input touches at inference: ``depth`` hyperplanes and one leaf expert."""
         return self.depth * (self.n_in + 1) + self.experts.parameters_per_expert
-
-    def extra_repr(self) -> str:
-        return f"n_in={self.n_in}, n_out={self.n_out}, depth={self.depth}, leaves={self.num_leaves}"
 
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.n_in:

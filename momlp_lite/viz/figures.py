@@ -1,7 +1,5 @@
 """Plotly figures that keep working in the static book: sliders are plotly ``restyle`` steps, run without a kernel.
-
-A book build's renderer emits one ``<div>`` per figure; the page loads plotly.js once from the book's ``_static``.
-"""
+A book build's renderer emits one ``<div>`` per figure; the page loads plotly.js once from the book's ``_static``."""
 
 from __future__ import annotations
 
