@@ -144,12 +144,10 @@ class ConstructionPlan:
 
     def summary(self) -> dict[str, float]:
         """The numbers the approximation chapter plots."""
-        return dict(
-            n=self.n, eps=self.eps, r=self.r, depth=self.depth, sub_cells=self.sub_cells,
-            cells_per_axis=self.cells_per_axis, experts=self.num_experts, error_bound=self.error_bound,
-            expert_params=self.expert_parameter_count, loaded_params=self.loaded_parameter_count,
-            total_params=self.total_parameter_count,
-        )
+        return dict(n=self.n, eps=self.eps, r=self.r, depth=self.depth, sub_cells=self.sub_cells,
+                    cells_per_axis=self.cells_per_axis, experts=self.num_experts, error_bound=self.error_bound,
+                    expert_params=self.expert_parameter_count, loaded_params=self.loaded_parameter_count,
+                    total_params=self.total_parameter_count)
 
 
 def plan_construction(lipschitz: float, n: int, eps: float, r: float = 0.0) -> ConstructionPlan:
@@ -295,5 +293,4 @@ def kink_target(c: float = 1 / math.pi) -> Target:
     Taught in: book/approximation_rates."""
     if not (isinstance(c, (int, float)) and math.isfinite(c)):
         raise ValueError(f"c must be a finite number, got {c!r}")
-    return Target("kink", lambda x: torch.linalg.vector_norm(x - c, dim=-1), lambda n: 1.0,
-                  f"‖x − {c:.3g}·1‖₂")
+    return Target("kink", lambda x: torch.linalg.vector_norm(x - c, dim=-1), lambda n: 1.0, f"‖x − {c:.3g}·1‖₂")

@@ -10,13 +10,7 @@ from torch import nn
 from ..runtime import check_positive_int
 from .experts import StackedMLP
 
-__all__ = ["SoftTreeMoE", "binary_entropy_from_logits"]
-
-
-def binary_entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of a coin showing 1 with probability ``σ(z)``, stably. Taught in: book/routing_families."""
-    c = torch.sigmoid(z)
-    return c * F.softplus(-z) + (1 - c) * F.softplus(z)
+__all__ = ["SoftTreeMoE"]
 
 
 class SoftTreeMoE(nn.Module):
@@ -64,7 +58,8 @@ class SoftTreeMoE(nn.Module):
         for level in range(self.depth):  # chain rule: H(leaf) = Σ_nodes P(reach node) · H(node)
             zl = z[:, 2**level - 1 : 2 ** (level + 1) - 1]  # [N, 2**level]
             right = torch.sigmoid(zl)
-            entropy = entropy + (reach * binary_entropy_from_logits(zl)).sum(1)
+            node_entropy = right * F.softplus(-zl) + (1 - right) * F.softplus(zl)  # stable, in nats
+            entropy = entropy + (reach * node_entropy).sum(1)
             reach = torch.stack([reach * (1 - right), reach * right], dim=2).reshape(len(x), -1)
         return reach, entropy
 

@@ -29,14 +29,10 @@ class _BookRenderer(MimetypeRenderer):
 pio.renderers["momlp_book"] = _BookRenderer()
 
 
-def use_book_renderer(force: bool = False) -> bool:
-    """Switch plotly to the book renderer in a book build (``$MOMLP_BOOK_BUILD=1``) or when ``force``d.
-
-    Returns whether it is now the default; elsewhere plotly keeps its own choice. Taught in: book/routing_trees."""
-    if force or os.environ.get(BOOK_BUILD_ENV) == "1":
+def use_book_renderer() -> None:
+    """Switch plotly to the book renderer in a book build (``$MOMLP_BOOK_BUILD=1``). Taught in: book/routing_trees."""
+    if os.environ.get(BOOK_BUILD_ENV) == "1":
         pio.renderers.default = "momlp_book"
-        return True
-    return False
 
 
 def slider_figure(steps: Sequence[tuple[str, Sequence[go.BaseTraceType]]], slider_label: str, active: int = 0,
