@@ -58,8 +58,8 @@ class SoftTreeMoE(nn.Module):
         for level in range(self.depth):  # chain rule: H(leaf) = Σ_nodes P(reach node) · H(node)
             zl = z[:, 2**level - 1 : 2 ** (level + 1) - 1]  # [N, 2**level]
             right = torch.sigmoid(zl)
-            node_entropy = right * F.softplus(-zl) + (1 - right) * F.softplus(zl)  # stable, in nats
-            entropy = entropy + (reach * node_entropy).sum(1)
+            c = torch.sigmoid(zl)  # the node's entropy in nats, stably (its own sigmoid: gradients round as before)
+            entropy = entropy + (reach * (c * F.softplus(-zl) + (1 - c) * F.softplus(zl))).sum(1)
             reach = torch.stack([reach * (1 - right), reach * right], dim=2).reshape(len(x), -1)
         return reach, entropy
 
