@@ -47,15 +47,13 @@ def _grid(axis: torch.Tensor, n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- the hat as ReLU layers
 def courant_hat(y: torch.Tensor) -> torch.Tensor:
-    """Courant hat of the Kuhn triangulation of ``Z^n``: ``relu(1 - max(0, y) + min(0, y))`` over the last axis.
-    Taught in: book/approximation_rates."""
+    """Courant hat of Kuhn's triangulation: ``relu(1 - max(0, y) + min(0, y))``. Taught in: book/approximation_rates."""
     zero = torch.zeros((), dtype=y.dtype, device=y.device)
     return torch.relu(1.0 - torch.maximum(y.amax(-1), zero) + torch.minimum(y.amin(-1), zero))
 
 
 def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The Courant hat on ``R^n`` as ``(W, b)`` layers, ReLU after all but the last.
-    Taught in: book/approximation_rates."""
+    """The Courant hat as ``(W, b)`` layers, ReLU after all but the last. Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     z = np.vstack([np.zeros(n), np.eye(n)])  # z = (0, y_1, ..., y_n) as rows over y
     w1 = np.stack([z[j] - z[i] for i in range(n + 1) for j in range(n + 1) if i != j])
@@ -73,8 +71,7 @@ def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def relu_network_forward(layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """Run ``(W, b)`` layers on ``x`` (``[N, in]``): ReLU after every layer but the last.
-    Taught in: book/approximation_rates."""
+    """Run ``(W, b)`` layers on ``x [N, in]``, ReLU after all but the last. Taught in: book/approximation_rates."""
     h = np.asarray(x, dtype=np.float64)
     for k, (w, b) in enumerate(layers):
         h = h @ w.T + b
@@ -93,8 +90,7 @@ def hat_parameter_count(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- the construction
 def cells_per_axis_for(lipschitz: float, n: int, eps: float) -> int:
-    """Smallest ``N`` with ``lipschitz * sqrt(n) / (2 N) <= eps``: sub-cubes per axis that guarantee sup error ``eps``.
-    Taught in: book/approximation_rates."""
+    """Smallest ``N`` (cells per axis) with ``lipschitz sqrt(n) / (2N) <= eps``. Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     eps = _check_eps(eps)
     if not (math.isfinite(lipschitz) and lipschitz >= 0):
@@ -207,7 +203,6 @@ def build_interpolating_momlp(
     target: str | Target, n: int, eps: float, r: float = 0.0, lipschitz: float | None = None
 ) -> InterpolatingMoMLP:
     """The training-free MoMLP with sup error ``<= eps`` on ``[0,1]^n``, each expert about ``N^r`` sub-cubes per axis.
-
     ``lipschitz`` defaults to ``target.lipschitz(n)``. Taught in: book/approximation_rates."""
     tgt = get_target(target) if isinstance(target, str) else target
     _check_positive_ints(n=n)
@@ -267,8 +262,7 @@ def _check_dense(num_params: int, num_layers: int) -> None:
 
 
 def dense_vc_upper(num_params: int, num_layers: int) -> float:
-    """Bartlett et al. (2019) upper bound for piecewise-linear nets, constant 1: ``P * D * log2(P)``.
-    Taught in: book/vc_dimension."""
+    """Bartlett et al. (2019) upper bound, constant 1: ``P * D * log2(P)``. Taught in: book/vc_dimension."""
     _check_dense(num_params, num_layers)
     return float(num_params * num_layers * math.log2(num_params))
 
@@ -282,15 +276,13 @@ def dense_vc_lower(num_params: int, num_layers: int) -> float:
 
 
 def momlp_total_parameters(n: int, L: int, J: int, W: int, prelu: bool = True) -> int:
-    """Parameters of ``L`` experts ``n -> W (x J hidden layers) -> 1``, PReLU slopes included by default.
-    Taught in: book/vc_dimension."""
+    """Parameters of ``L`` experts ``n -> W (J hidden layers) -> 1``, PReLU by default. Taught in: book/vc_dimension."""
     _check_positive_ints(n=n, L=L, J=J, W=W)
     return int(L) * mlp_parameter_count(int(n), int(W), int(J), 1, prelu=prelu)
 
 
 def kink_target(c: float = 1 / math.pi) -> Target:
-    """``f(x) = |x - c 1|_2``, Lipschitz 1; the default ``c = 1/pi`` puts the kink on no dyadic grid vertex.
-    Taught in: book/approximation_rates."""
+    """``|x - c 1|_2`` (Lipschitz 1); ``c = 1/pi`` is on no dyadic grid vertex. Taught in: book/approximation_rates."""
     if not (isinstance(c, (int, float)) and math.isfinite(c)):
         raise ValueError(f"c must be a finite number, got {c!r}")
     return Target("kink", lambda x: torch.linalg.vector_norm(x - c, dim=-1), lambda n: 1.0, f"‖x − {c:.3g}·1‖₂")
