@@ -103,7 +103,6 @@ class Chapter:
 
 def start_chapter(seed: int = 0, cpu_threads: int | None = None) -> Chapter:
     """Read the profile, seed everything, pick the device, set up plotly, and print what ran.
-
     On a CPU outside the ``paper`` profile torch gets one thread (or ``cpu_threads``). Taught in: book/intro."""
     profile, generator, device = get_profile(), seed_everything(seed), get_device()
     if cpu_threads is None and device.type == "cpu" and profile.name != "paper":

@@ -37,7 +37,7 @@ def use_book_renderer() -> None:
 
 def slider_figure(steps: Sequence[tuple[str, Sequence[go.BaseTraceType]]], slider_label: str, active: int = 0,
                   **layout: Any) -> go.Figure:
-    """One figure whose slider shows one ``(label, traces)`` group of ``steps`` at a time (works in static HTML).
+    """A figure whose slider shows one ``(label, traces)`` step at a time, in static HTML too.
     Taught in: book/momlp_grid_regression."""
     if not steps:
         raise ValueError("slider_figure needs at least one step, got none")
@@ -78,8 +78,7 @@ def _partition_traces(tree: RoutingTree, resolution: int, show_keys: bool) -> li
 
 def partition_figure(trees: Sequence[RoutingTree], labels: Sequence[str] | None = None, resolution: int = 200,
                      max_keys_shown: int = 1024, title: str = "Leaves of the routing tree") -> go.Figure:
-    """Partition of a 2-D box by each tree, with a slider to move between them (e.g. over depth).
-    Taught in: book/routing_trees."""
+    """Partition of a 2-D box by each tree, with a slider to move between them. Taught in: book/routing_trees."""
     if not trees:
         raise ValueError("partition_figure needs at least one tree, got none")
     labels = list(labels) if labels is not None else [str(t.depth) for t in trees]

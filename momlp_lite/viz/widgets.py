@@ -12,9 +12,7 @@ __all__ = ["live_controls"]
 
 def live_controls(rows: Sequence[Sequence[Any]], update: Callable[[], None], draw_now: bool = True) -> Any:
     """Show rows of ipywidgets above an output area and rerun ``update`` into it on every change; return the area.
-
-    ``draw_now`` fills the area once right away, except in a book build (``$MOMLP_BOOK_BUILD=1``).
-    Taught in: book/routing_trees."""
+    ``draw_now`` fills it at once, except in a book build (``$MOMLP_BOOK_BUILD=1``). Taught in: book/routing_trees."""
     import ipywidgets as widgets
     from IPython.display import display
 
