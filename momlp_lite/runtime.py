@@ -1,6 +1,5 @@
-"""Runtime: profiles (``smoke`` for CI, ``default`` for a laptop, ``paper`` for a GPU; read from ``$MOMLP_PROFILE``),
-seeding, device choice, the chapter start, timing, and recorded results (JSON with device, date and commit).
-"""
+"""Runtime: profiles (``smoke``, ``default``, ``paper``; from ``$MOMLP_PROFILE``), seeding, device, the chapter start,
+timing, and recorded results (JSON with device, date and commit)."""
 
 from __future__ import annotations
 
@@ -29,14 +28,12 @@ __all__ = [
 
 T = TypeVar("T")
 PROFILE_ENV = "MOMLP_PROFILE"
-DEVICE_ENV = "MOMLP_DEVICE"
 RESULTS_ENV = "MOMLP_RESULTS_DIR"
 
 
 @dataclass(frozen=True)
 class Profile:
-    """A named run profile; ``cell_timeout_s`` bounds one notebook cell in a book build under it.
-    Taught in: book/intro (used by every chapter)."""
+    """A named run profile; ``cell_timeout_s`` bounds one notebook cell in a book build. Taught in: book/intro."""
 
     name: str
     cell_timeout_s: int
@@ -51,8 +48,7 @@ PROFILES: dict[str, Profile] = {
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The profile called ``name``, or the one named by ``$MOMLP_PROFILE`` (default ``default``).
-    Taught in: book/intro (used by every chapter)."""
+    """The profile ``name``, else the one ``$MOMLP_PROFILE`` names (default ``default``). Taught in: book/intro."""
     if name is None:
         name = os.environ.get(PROFILE_ENV, "default").strip() or "default"
     if name not in PROFILES:
@@ -61,15 +57,13 @@ def get_profile(name: str | None = None) -> Profile:
 
 
 def choose(*, smoke: T, default: T, paper: T, profile: str | Profile | None = None) -> T:
-    """The value for the current profile: ``choose(smoke=8, default=64, paper=1000)``.
-    Taught in: book/intro (used by every chapter)."""
+    """The value for the current profile: ``choose(smoke=8, default=64, paper=1000)``. Taught in: book/intro."""
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     return {"smoke": smoke, "default": default, "paper": paper}[prof.name]
 
 
 def seed_everything(seed: int = 0) -> torch.Generator:
-    """Seed Python, NumPy and torch (CPU and CUDA); return a fresh seeded ``torch.Generator``.
-    Taught in: book/intro (used by every chapter)."""
+    """Seed Python, NumPy and torch; return a fresh seeded ``torch.Generator``. Taught in: book/intro."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     random.seed(int(seed))
@@ -79,10 +73,9 @@ def seed_everything(seed: int = 0) -> torch.Generator:
 
 
 def get_device(prefer: str | None = None) -> torch.device:
-    """``prefer`` or ``$MOMLP_DEVICE`` if given (it must be available), else cuda, then mps, then cpu.
-    Taught in: book/intro (used by every chapter)."""
+    """``prefer`` or ``$MOMLP_DEVICE`` (must be available), else cuda, then mps, then cpu. Taught in: book/intro."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    prefer = prefer or os.environ.get(DEVICE_ENV)
+    prefer = prefer or os.environ.get("MOMLP_DEVICE")
     if not prefer:
         return torch.device(next(kind for kind, ok in available.items() if ok))
     dev = torch.device(prefer)
@@ -92,9 +85,7 @@ def get_device(prefer: str | None = None) -> torch.device:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """``value`` as an ``int``, checked to be an integer >= 1 (numpy integers allowed, bools refused).
-
-    The package's one positive-integer check (from book/routing_trees on)."""
+    """``value`` as an ``int`` >= 1 (numpy integers allowed, bools refused). Taught in: book/routing_trees."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
@@ -102,7 +93,7 @@ def check_positive_int(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class Chapter:
-    """The run settings a chapter reads once, near its top. Taught in: book/intro (used by every chapter)."""
+    """The run settings a chapter reads once, near its top. Taught in: book/intro."""
 
     profile: Profile
     device: torch.device
@@ -112,9 +103,7 @@ class Chapter:
 
 def start_chapter(seed: int = 0, cpu_threads: int | None = None) -> Chapter:
     """Read the profile, seed everything, pick the device, set up plotly, and print what ran.
-
-    On a CPU outside the ``paper`` profile torch gets one thread (or ``cpu_threads``): the chapters' tensors are
-    small, and on a shared machine extra threads mostly wait on each other. Taught in: book/intro."""
+    On a CPU outside the ``paper`` profile torch gets one thread (or ``cpu_threads``). Taught in: book/intro."""
     profile, generator, device = get_profile(), seed_everything(seed), get_device()
     if cpu_threads is None and device.type == "cpu" and profile.name != "paper":
         cpu_threads = 1
@@ -146,8 +135,7 @@ def _notebook_name() -> str | None:
 
 
 def paper_profile_hint(device: torch.device, profile: Profile, chapter: str | None = None) -> str | None:
-    """On a GPU outside the ``paper`` profile: one line saying how to switch, and how long it took there (from the
-    recorded ``chapter_times_paper``). Taught in: book/intro."""
+    """On a GPU outside ``paper``: how to switch, and the recorded time it took there. Taught in: book/intro."""
     if device.type != "cuda" or profile.name == "paper":
         return None
     how = (f"A GPU is here: for the papers' sizes run `import os; os.environ['{PROFILE_ENV}'] = 'paper'` "
@@ -175,8 +163,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Best wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (CUDA synchronized).
-    Taught in: book/intro (used by every chapter)."""
+    """Best wall time (s) of ``fn()`` in ``repeats`` runs after ``warmup`` (CUDA synced). Taught in: book/intro."""
     check_positive_int("repeats", repeats)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
@@ -192,8 +179,7 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
 
 
 def results_dir() -> Path:
-    """``$MOMLP_RESULTS_DIR``, else ``momlp_lite/results/``, shipped as package data so chapters show them anywhere.
-    Taught in: book/intro."""
+    """``$MOMLP_RESULTS_DIR``, else ``momlp_lite/results/`` (shipped as package data). Taught in: book/intro."""
     env = os.environ.get(RESULTS_ENV)
     return Path(env) if env else Path(__file__).resolve().parent / "results"
 
@@ -214,8 +200,7 @@ def _cpu_name() -> str:
 
 
 def run_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Who/where/when of a run: device name, torch version, UTC date, git commit, CPU threads.
-    Taught in: book/intro (used by every chapter)."""
+    """Who/where/when of a run: device name, torch version, UTC date, git commit, CPU threads. Taught in: book/intro."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)"
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -231,19 +216,13 @@ def _results_path(name: str, directory: Path | None) -> Path:
 
 def write_results(name: str, payload: dict[str, Any], device: torch.device | str | None = None,
                   directory: Path | None = None) -> Path:
-    """Write ``{"meta": run_metadata(device), **payload}`` to ``<results_dir()>/<name>.json`` atomically.
-    Taught in: book/intro (used by every chapter)."""
+    """Write ``{"meta": run_metadata(device), **payload}`` to ``<results_dir()>/<name>.json``. Taught in: book/intro."""
     path = _results_path(name, directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": run_metadata(device), **payload}
     return atomic_write_bytes(path, (json.dumps(doc, indent=2, default=float) + "\n").encode())
 
 
 def load_results(name: str, directory: Path | None = None) -> dict[str, Any] | None:
-    """The recorded ``<results_dir()>/<name>.json`` (``name`` bare, e.g. ``"routing_cost"``), or ``None``.
-    Taught in: book/intro (used by every chapter)."""
+    """The recorded ``<results_dir()>/<name>.json`` (``name`` bare), or ``None``. Taught in: book/intro."""
     path = _results_path(name, directory)
-    if not path.is_file():
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+    return json.loads(path.read_text()) if path.is_file() else None

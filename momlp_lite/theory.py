@@ -1,7 +1,5 @@
-"""A training-free MoMLP that meets a requested sup-norm error, and VC-dimension bounds.
-
-Taught in: book/approximation_rates (the construction) and book/vc_dimension (the bounds).
-"""
+"""A training-free MoMLP that meets a requested sup-norm error (book/approximation_rates), and VC-dimension bounds
+(book/vc_dimension)."""
 
 from __future__ import annotations
 
@@ -49,19 +47,13 @@ def _grid(axis: torch.Tensor, n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- the hat as ReLU layers
 def courant_hat(y: torch.Tensor) -> torch.Tensor:
-    """Courant hat of the Kuhn triangulation of ``Z^n``: ``relu(1 - max(0, y) + min(0, y))`` over the last axis.
-
-    Taught in: book/approximation_rates."""
+    """Courant hat of Kuhn's triangulation: ``relu(1 - max(0, y) + min(0, y))``. Taught in: book/approximation_rates."""
     zero = torch.zeros((), dtype=y.dtype, device=y.device)
     return torch.relu(1.0 - torch.maximum(y.amax(-1), zero) + torch.minimum(y.amin(-1), zero))
 
 
 def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The Courant hat on ``R^n`` as ``(W, b)`` layers, ReLU after all but the last (one linear output).
-
-    Layer 1 computes ``relu(1 - z_i + z_j)`` for the ordered pairs ``i != j`` of ``z = (0, y)``; the following layers
-    take pairwise minima of non-negative numbers, ``min(a, b) = relu(a) - relu(a - b)``.
-    Taught in: book/approximation_rates."""
+    """The Courant hat as ``(W, b)`` layers, ReLU after all but the last. Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     z = np.vstack([np.zeros(n), np.eye(n)])  # z = (0, y_1, ..., y_n) as rows over y
     w1 = np.stack([z[j] - z[i] for i in range(n + 1) for j in range(n + 1) if i != j])
@@ -79,8 +71,7 @@ def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def relu_network_forward(layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """Run ``(W, b)`` layers on ``x`` (``[N, in]``): ReLU after every layer but the last.
-    Taught in: book/approximation_rates."""
+    """Run ``(W, b)`` layers on ``x [N, in]``, ReLU after all but the last. Taught in: book/approximation_rates."""
     h = np.asarray(x, dtype=np.float64)
     for k, (w, b) in enumerate(layers):
         h = h @ w.T + b
@@ -91,8 +82,7 @@ def relu_network_forward(layers: Sequence[tuple[np.ndarray, np.ndarray]], x: np.
 
 def hat_parameter_count(n: int) -> int:
     """Parameters one vertex adds to an expert: non-zero weights and biases of the hidden hat layers plus the non-zero
-    output weights (which carry ``f(v)``); the expert's one output bias is counted apart.
-    Taught in: book/approximation_rates."""
+    output weights (the expert's one output bias is counted apart). Taught in: book/approximation_rates."""
     layers = hat_network(n)
     hidden = sum(int(np.count_nonzero(w)) + len(b) for w, b in layers[:-1])
     return hidden + int(np.count_nonzero(layers[-1][0]))
@@ -100,8 +90,7 @@ def hat_parameter_count(n: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- the construction
 def cells_per_axis_for(lipschitz: float, n: int, eps: float) -> int:
-    """Smallest ``N`` with ``lipschitz * sqrt(n) / (2 N) <= eps``: sub-cubes per axis that guarantee sup error ``eps``.
-    Taught in: book/approximation_rates."""
+    """Smallest ``N`` (cells per axis) with ``lipschitz sqrt(n) / (2N) <= eps``. Taught in: book/approximation_rates."""
     _check_positive_ints(n=n)
     eps = _check_eps(eps)
     if not (math.isfinite(lipschitz) and lipschitz >= 0):
@@ -111,10 +100,8 @@ def cells_per_axis_for(lipschitz: float, n: int, eps: float) -> int:
 
 @dataclass(frozen=True)
 class ConstructionPlan:
-    """Sizes of the construction for one ``(f, n, eps, r)``, computed without building anything.
-
-    A regular tree of ``depth`` levels (``2^n`` children per node), ``sub_cells = m`` sub-cubes per axis in each
-    leaf: ``N = 2^depth * m`` cells per axis. Taught in: book/approximation_rates."""
+    """Sizes of the construction for one ``(f, n, eps, r)``: a regular tree of ``depth`` levels, ``sub_cells`` sub-cubes
+    per axis in each leaf. Taught in: book/approximation_rates."""
 
     n: int
     eps: float
@@ -142,68 +129,48 @@ class ConstructionPlan:
         return (self.sub_cells + 1) ** self.n * hat_parameter_count(self.n) + 1
 
     @property
-    def routing_path_parameter_count(self) -> int:
-        """As ``RoutingTree.path_parameter_count``."""
-        return self.depth * 2**self.n * self.n
-
-    @property
-    def routing_parameter_count(self) -> int:
-        """As ``RoutingTree.parameter_count``."""
-        return self.n * sum(2 ** (self.n * level) for level in range(1, self.depth + 1))
-
-    @property
     def loaded_parameter_count(self) -> int:
         """Read by one forward pass: one expert plus the keys along the routing path."""
-        return self.expert_parameter_count + self.routing_path_parameter_count
+        return self.expert_parameter_count + self.depth * 2**self.n * self.n
 
     @property
     def total_parameter_count(self) -> int:
-        return self.num_experts * self.expert_parameter_count + self.routing_parameter_count
+        routing = self.n * sum(2 ** (self.n * level) for level in range(1, self.depth + 1))
+        return self.num_experts * self.expert_parameter_count + routing
 
     def summary(self) -> dict[str, float]:
         """The numbers the approximation chapter plots."""
-        return dict(
-            n=self.n, eps=self.eps, r=self.r, depth=self.depth, sub_cells=self.sub_cells,
-            cells_per_axis=self.cells_per_axis, experts=self.num_experts, error_bound=self.error_bound,
-            expert_params=self.expert_parameter_count, loaded_params=self.loaded_parameter_count,
-            total_params=self.total_parameter_count,
-        )
+        return dict(n=self.n, eps=self.eps, r=self.r, depth=self.depth, sub_cells=self.sub_cells,
+                    cells_per_axis=self.cells_per_axis, experts=self.num_experts, error_bound=self.error_bound,
+                    expert_params=self.expert_parameter_count, loaded_params=self.loaded_parameter_count,
+                    total_params=self.total_parameter_count)
 
 
 def plan_construction(lipschitz: float, n: int, eps: float, r: float = 0.0) -> ConstructionPlan:
-    """Choose tree depth and sub-cubes per leaf for sup error ``<= eps``.
-
-    With ``N = cells_per_axis_for(lipschitz, n, eps)``, the depth is ``floor`` or ``ceil`` of ``(1 - r) log2 N`` (at
-    least 1), whichever makes ``m = ceil(N / 2^depth)`` closest to ``N^r``. Taught in: book/approximation_rates."""
+    """Tree depth (``floor`` or ``ceil`` of ``(1 - r) log2 N``) and sub-cubes per leaf (closest to ``N^r``) for sup
+    error ``<= eps``. Taught in: book/approximation_rates."""
     needed = cells_per_axis_for(lipschitz, n, eps)
     if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0.0 <= float(r) <= 1.0:
         raise ValueError(f"r must be a number in [0, 1], got {r!r}")
     share = (1.0 - float(r)) * math.log2(needed)
-    best: tuple[float, int, int] | None = None
+    best = (math.inf, 0, 0)
     for depth in sorted({max(1, math.floor(share + 1e-9)), max(1, math.ceil(share - 1e-9))}, reverse=True):
         m = max(1, math.ceil(needed / 2**depth))
         miss = abs(math.log(m) - float(r) * math.log(needed))
-        if best is None or miss < best[0] - 1e-12:
+        if miss < best[0] - 1e-12:
             best = (miss, depth, m)
-    assert best is not None
     return ConstructionPlan(int(n), float(eps), float(r), float(lipschitz), best[1], best[2])
 
 
 @dataclass
 class InterpolatingMoMLP:
     """A training-free MoMLP on ``[0,1]^n``: a regular routing tree and one exact ReLU interpolant per leaf.
-
-    Calling it on ``[P, n]`` points routes each point to one leaf and runs only that leaf's expert.
     Taught in: book/approximation_rates."""
 
     plan: ConstructionPlan
     tree: RoutingTree
     grid_values: torch.Tensor  # f at the (N+1)^n global sub-grid vertices, float64, shape (N+1,)*n
     target: Target
-
-    @property
-    def n(self) -> int:
-        return self.plan.n
 
     @cached_property
     def _leaf_corners(self) -> torch.Tensor:
@@ -213,11 +180,11 @@ class InterpolatingMoMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Predictions ``[P]`` (float64) for points ``x`` of shape ``[P, n]`` in ``[0,1]^n``."""
         x = torch.as_tensor(x)
-        if x.ndim != 2 or x.shape[1] != self.n:
-            raise ValueError(f"x must have shape [P, {self.n}], got {tuple(x.shape)}")
+        m, n, big_n = self.plan.sub_cells, self.plan.n, self.plan.cells_per_axis
+        if x.ndim != 2 or x.shape[1] != n:
+            raise ValueError(f"x must have shape [P, {n}], got {tuple(x.shape)}")
         leaf = self.tree.route(x.to(torch.float32))
         x64 = x.to(torch.float64)
-        m, n, big_n = self.plan.sub_cells, self.n, self.plan.cells_per_axis
         offsets = _grid(torch.arange(m + 1), n)  # [K, n]
         strides = (big_n + 1) ** torch.arange(n - 1, -1, -1)
         flat_values = self.grid_values.reshape(-1)
@@ -235,11 +202,8 @@ class InterpolatingMoMLP:
 def build_interpolating_momlp(
     target: str | Target, n: int, eps: float, r: float = 0.0, lipschitz: float | None = None
 ) -> InterpolatingMoMLP:
-    """Build the training-free MoMLP whose sup error on ``[0,1]^n`` is guaranteed ``<= eps`` (in ``(0, 1)``).
-
-    ``r`` in ``[0, 1]``: each expert gets about ``N^r`` sub-cubes per axis (``0``: many tiny experts; ``1/n``: experts
-    of about ``1/eps`` parameters; ``1``: a depth-1 tree). ``lipschitz`` defaults to ``target.lipschitz(n)``.
-    Taught in: book/approximation_rates."""
+    """The training-free MoMLP with sup error ``<= eps`` on ``[0,1]^n``, each expert about ``N^r`` sub-cubes per axis.
+    ``lipschitz`` defaults to ``target.lipschitz(n)``. Taught in: book/approximation_rates."""
     tgt = get_target(target) if isinstance(target, str) else target
     _check_positive_ints(n=n)
     plan = plan_construction(float(tgt.lipschitz(n) if lipschitz is None else lipschitz), n, eps, r)
@@ -298,8 +262,7 @@ def _check_dense(num_params: int, num_layers: int) -> None:
 
 
 def dense_vc_upper(num_params: int, num_layers: int) -> float:
-    """Bartlett et al. (2019) upper bound for piecewise-linear nets, constant 1: ``P * D * log2(P)``.
-    Taught in: book/vc_dimension."""
+    """Bartlett et al. (2019) upper bound, constant 1: ``P * D * log2(P)``. Taught in: book/vc_dimension."""
     _check_dense(num_params, num_layers)
     return float(num_params * num_layers * math.log2(num_params))
 
@@ -313,16 +276,13 @@ def dense_vc_lower(num_params: int, num_layers: int) -> float:
 
 
 def momlp_total_parameters(n: int, L: int, J: int, W: int, prelu: bool = True) -> int:
-    """Parameters of ``L`` experts ``n -> W (x J hidden layers) -> 1``, PReLU slopes included by default.
-    Taught in: book/vc_dimension."""
+    """Parameters of ``L`` experts ``n -> W (J hidden layers) -> 1``, PReLU by default. Taught in: book/vc_dimension."""
     _check_positive_ints(n=n, L=L, J=J, W=W)
     return int(L) * mlp_parameter_count(int(n), int(W), int(J), 1, prelu=prelu)
 
 
 def kink_target(c: float = 1 / math.pi) -> Target:
-    """``f(x) = |x - c 1|_2``, Lipschitz 1; the default ``c = 1/pi`` puts the kink on no dyadic grid vertex.
-    Taught in: book/approximation_rates."""
+    """``|x - c 1|_2`` (Lipschitz 1); ``c = 1/pi`` is on no dyadic grid vertex. Taught in: book/approximation_rates."""
     if not (isinstance(c, (int, float)) and math.isfinite(c)):
         raise ValueError(f"c must be a finite number, got {c!r}")
-    return Target("kink", lambda x: torch.linalg.vector_norm(x - c, dim=-1), lambda n: 1.0,
-                  f"‖x − {c:.3g}·1‖₂")
+    return Target("kink", lambda x: torch.linalg.vector_norm(x - c, dim=-1), lambda n: 1.0, f"‖x − {c:.3g}·1‖₂")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from momlp_lite.moe.sizes import mlp_parameter_count
-from momlp_lite.moe.soft_tree import SoftTreeMoE, binary_entropy_from_logits
+from momlp_lite.moe.soft_tree import SoftTreeMoE
 
 
 def _tree(depth: int = 3, n_in: int = 3, n_out: int = 2, seed: int = 0) -> SoftTreeMoE:
@@ -103,11 +103,15 @@ def test_hardening_loss_is_the_entropy_of_the_leaf_distribution_and_has_its_grad
     assert 0 < float(direct.max().detach()) <= 3 * math.log(2) + 1e-6  # at most log(#leaves)
 
 
-def test_binary_entropy_is_stable_and_correct():
+def test_node_entropy_is_stable_and_correct():
+    tree = SoftTreeMoE(1, 1, 1, width=2, hidden_layers=1)
+    with torch.no_grad():  # one node with logit z = x
+        tree.node_weight.fill_(1.0)
+        tree.node_bias.zero_()
     z = torch.tensor([-200.0, -3.0, 0.0, 2.5, 200.0])
     c = torch.sigmoid(z[1:4])
     want = -(c * c.log() + (1 - c) * (1 - c).log())
-    got = binary_entropy_from_logits(z)
+    got = tree.route_soft(z[:, None])[1].detach()
     assert torch.allclose(got[1:4], want, atol=1e-6)
     assert torch.isfinite(got).all() and got[0] < 1e-30 and got[-1] < 1e-30
     assert torch.isclose(got[2], torch.tensor(math.log(2)))

@@ -103,8 +103,6 @@ def test_interpolates_at_grid_vertices() -> None:
 def test_plan_counts_match_the_built_tree(n: int, r: float) -> None:
     model = build_interpolating_momlp(kink_target(), n, 0.2, r=r)
     plan, tree = model.plan, model.tree
-    assert plan.routing_path_parameter_count == tree.path_parameter_count
-    assert plan.routing_parameter_count == tree.parameter_count
     assert plan.num_experts == tree.num_leaves
     assert plan.loaded_parameter_count == plan.expert_parameter_count + tree.path_parameter_count
     assert plan.total_parameter_count == plan.num_experts * plan.expert_parameter_count + tree.parameter_count

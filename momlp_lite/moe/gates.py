@@ -1,7 +1,5 @@
 """Learned routers over stacked experts: noisy top-k, load balancing, router z-loss, capacity, expert choice.
-
-Taught in: book/learned_gates and book/moe_transformer. ``T`` tokens, ``N`` experts, router logits ``[T, N]``.
-"""
+``T`` tokens, ``N`` experts, router logits ``[T, N]``. Taught in: book/learned_gates and book/moe_transformer."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ from torch import nn
 from ..runtime import check_positive_int
 from .experts import StackedMLP
 
-__all__ = ["noisy_logits", "top_k_gate", "load_balancing_loss", "router_z_loss", "expert_capacity", "assign_slots",
+__all__ = ["top_k_gate", "load_balancing_loss", "router_z_loss", "expert_capacity", "assign_slots",
            "expert_choice", "TokenChoiceMoE", "ExpertChoiceMoE"]
 
 
@@ -54,19 +52,12 @@ def _router_probs(logits: torch.Tensor) -> torch.Tensor:
     return _router_float(logits).softmax(dim=-1)
 
 
-def noisy_logits(clean: torch.Tensor, noise_logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Shazeer et al.'s ``x W_g + ε · softplus(x W_noise)``, ``ε ~ N(0, 1)``. Taught in: book/learned_gates."""
-    eps = torch.randn_like(clean) if noise is None else noise
-    return clean + eps * F.softplus(noise_logits)
-
-
 def top_k_gate(logits: torch.Tensor, k: int, renormalize: bool | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax gate keeping each token's ``k`` largest experts: ``(weights [T, k], index [T, k], probs [T, N])``.
 
     ``index`` is in decreasing order. ``renormalize`` (default ``k > 1``, as GShard and Mixtral) makes the kept
-    weights sum to one; Switch's ``k = 1`` keeps the raw probability. Taught in: book/learned_gates.
-    """
+    weights sum to one; Switch's ``k = 1`` keeps the raw probability. Taught in: book/learned_gates."""
     probs = _router_probs(logits)
     _check_k(k, logits.shape[1])
     top, index = probs.topk(k, dim=-1)
@@ -101,8 +92,7 @@ def assign_slots(index: torch.Tensor, num_experts: int, capacity: int | None
     """Each assignment's slot in its expert's buffer, and which fit: ``(position [T, k], keep [T, k], capacity)``.
 
     Priority: all first choices in token order, then all second choices, ... (GShard). ``capacity=None`` drops
-    nothing and returns the busiest expert's load as the capacity. Taught in: book/learned_gates.
-    """
+    nothing and returns the busiest expert's load as the capacity. Taught in: book/learned_gates."""
     t, k = index.shape
     onehot = F.one_hot(index.T.reshape(-1), num_experts)  # [k·T, N], choice-major priority
     position = ((onehot.cumsum(dim=0) - 1) * onehot).sum(dim=1).reshape(k, t).T
@@ -114,8 +104,7 @@ def assign_slots(index: torch.Tensor, num_experts: int, capacity: int | None
 def expert_choice(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zhou et al.'s expert choice: each expert takes the ``c = min(capacity, T)`` tokens it scores highest.
 
-    Returns ``(weights [N, c], tokens [N, c], probs [T, N])``, softmax over experts. Taught in: book/learned_gates.
-    """
+    Returns ``(weights [N, c], tokens [N, c], probs [T, N])``, softmax over experts. Taught in: book/learned_gates."""
     probs = _router_probs(logits)
     check_positive_int("capacity", capacity)
     weights, tokens = probs.T.topk(min(capacity, logits.shape[0]), dim=1)
@@ -154,11 +143,10 @@ class _RoutedLayer(nn.Module):
 class TokenChoiceMoE(_RoutedLayer):
     """Top-k learned gate over stacked MLP experts (Shazeer 2017, Switch, GShard).
 
-    ``noisy`` adds trained noise to the logits in training; ``capacity_factor`` keeps at most
+    ``noisy`` adds Shazeer's trained noise ``ε · softplus(x W_noise)`` in training; ``capacity_factor`` keeps at most
     ``expert_capacity(T, N, cf, k)`` tokens per expert (the rest get zero output), ``None`` drops nothing.
     ``last_aux``: ``load_balancing``, ``z_loss``, ``expert_load`` (``[N]``, share of the assignments before dropping),
-    ``dropped`` (share dropped), ``logits`` (detached). Taught in: book/learned_gates, book/moe_transformer.
-    """
+    ``dropped`` (share dropped), ``logits`` (detached). Taught in: book/learned_gates, book/moe_transformer."""
 
     def __init__(self, n_in: int, n_out: int, num_experts: int, width: int, hidden_layers: int, k: int = 1,
                  capacity_factor: float | None = None, noisy: bool = False,
@@ -177,7 +165,7 @@ class TokenChoiceMoE(_RoutedLayer):
         """``x [T, n_in] -> [T, n_out]``: scatter the kept pairs into ``[N, C, n_in]``, one forward, gather back."""
         logits = self.logits(x)
         if self.noise is not None and self.training:
-            logits = noisy_logits(logits, x @ self.noise)
+            logits = logits + torch.randn_like(logits) * F.softplus(x @ self.noise)
         weights, index, probs = top_k_gate(logits, self.k)
         cf = self.capacity_factor
         cap = None if cf is None else expert_capacity(len(x), self.num_experts, cf, self.k)
@@ -197,8 +185,7 @@ class ExpertChoiceMoE(_RoutedLayer):
 
     A token may be taken by several experts or by none (zero output). ``last_aux``: ``expert_load`` (uniform),
     ``dropped`` (share of tokens no expert took), ``z_loss``, ``load_balancing`` (zero), ``experts_per_token``
-    (``[T]``) and ``logits``. Taught in: book/learned_gates, book/moe_transformer.
-    """
+    (``[T]``) and ``logits``. Taught in: book/learned_gates, book/moe_transformer."""
 
     def __init__(self, n_in: int, n_out: int, num_experts: int, width: int, hidden_layers: int,
                  capacity_factor: float = 1.0, generator: torch.Generator | None = None, *,

@@ -1,7 +1,5 @@
 """A learned soft binary routing tree over stacked leaf experts (Belcak & Wattenhofer's fast feedforward networks).
-
-Taught in: book/routing_families. Heap-ordered nodes as in ``RoutingTree``; the entropy hardening is the book's reading.
-"""
+Heap-ordered nodes as in ``RoutingTree``. Taught in: book/routing_families."""
 
 from __future__ import annotations
 
@@ -12,13 +10,7 @@ from torch import nn
 from ..runtime import check_positive_int
 from .experts import StackedMLP
 
-__all__ = ["SoftTreeMoE", "binary_entropy_from_logits"]
-
-
-def binary_entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of a coin showing 1 with probability ``σ(z)``, stably. Taught in: book/routing_families."""
-    c = torch.sigmoid(z)
-    return c * F.softplus(-z) + (1 - c) * F.softplus(z)
+__all__ = ["SoftTreeMoE"]
 
 
 class SoftTreeMoE(nn.Module):
@@ -26,8 +18,7 @@ class SoftTreeMoE(nn.Module):
 
     Node ``i`` sends ``x`` right with probability ``σ(w_i·x + b_i)``. Training mode: soft, ``y = Σ_leaf p_leaf(x) ·
     f_leaf(x)``; eval mode: hard, the one leaf reached by the signs. ``last_aux``: ``hardening`` (mean leaf entropy,
-    a loss term), ``expert_load`` (``[2**depth]``) and ``dropped`` (0.0). Taught in: book/routing_families.
-    """
+    a loss term), ``expert_load`` (``[2**depth]``) and ``dropped`` (0.0). Taught in: book/routing_families."""
 
     def __init__(self, n_in: int, n_out: int, depth: int, width: int, hidden_layers: int, *,
                  generator: torch.Generator | None = None) -> None:
@@ -53,9 +44,6 @@ class SoftTreeMoE(nn.Module):
         """Parameters one input touches at inference: ``depth`` hyperplanes and one leaf expert."""
         return self.depth * (self.n_in + 1) + self.experts.parameters_per_expert
 
-    def extra_repr(self) -> str:
-        return f"n_in={self.n_in}, n_out={self.n_out}, depth={self.depth}, leaves={self.num_leaves}"
-
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.n_in:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -70,7 +58,8 @@ class SoftTreeMoE(nn.Module):
         for level in range(self.depth):  # chain rule: H(leaf) = Σ_nodes P(reach node) · H(node)
             zl = z[:, 2**level - 1 : 2 ** (level + 1) - 1]  # [N, 2**level]
             right = torch.sigmoid(zl)
-            entropy = entropy + (reach * binary_entropy_from_logits(zl)).sum(1)
+            c = torch.sigmoid(zl)  # the node's entropy in nats, stably (its own sigmoid: gradients round as before)
+            entropy = entropy + (reach * (c * F.softplus(-zl) + (1 - c) * F.softplus(zl))).sum(1)
             reach = torch.stack([reach * (1 - right), reach * right], dim=2).reshape(len(x), -1)
         return reach, entropy
 

@@ -1,7 +1,5 @@
 """A tiny vision transformer whose feed-forward blocks are dense, a learned-gate MoE, or Soft MoE.
-
-Taught in: book/moe_transformer. Token-wise FFNs see a batch's ``B·m`` tokens as one ``[T, d]`` matrix.
-"""
+Token-wise FFNs see a batch's ``B·m`` tokens as one ``[T, d]`` matrix. Taught in: book/moe_transformer."""
 
 from __future__ import annotations
 
@@ -22,8 +20,7 @@ __all__ = ["make_ffn", "ffn_parameters", "TinyViT"]
 def make_ffn(kind: str, dim: int, hidden: int, num_experts: int = 1, capacity_factor: float | None = None,
              generator: torch.Generator | None = None) -> nn.Module:
     """An FFN of ``kind`` with experts ``d -> hidden -> d``: dense (one ReLU MLP), top1, top2, expert_choice (factor 1
-    by default) or soft (one slot per expert). Taught in: book/moe_transformer.
-    """
+    by default) or soft (one slot per expert). Taught in: book/moe_transformer."""
     check_positive_int("hidden", hidden)
     if kind == "dense":
         return StackedMLP(1, dim, hidden, 1, dim, prelu=False, generator=generator)

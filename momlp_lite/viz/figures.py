@@ -1,7 +1,5 @@
 """Plotly figures that keep working in the static book: sliders are plotly ``restyle`` steps, run without a kernel.
-
-A book build's renderer emits one ``<div>`` per figure; the page loads plotly.js once from the book's ``_static``.
-"""
+A book build's renderer emits one ``<div>`` per figure; the page loads plotly.js once from the book's ``_static``."""
 
 from __future__ import annotations
 
@@ -31,19 +29,15 @@ class _BookRenderer(MimetypeRenderer):
 pio.renderers["momlp_book"] = _BookRenderer()
 
 
-def use_book_renderer(force: bool = False) -> bool:
-    """Switch plotly to the book renderer in a book build (``$MOMLP_BOOK_BUILD=1``) or when ``force``d.
-
-    Returns whether it is now the default; elsewhere plotly keeps its own choice. Taught in: book/routing_trees."""
-    if force or os.environ.get(BOOK_BUILD_ENV) == "1":
+def use_book_renderer() -> None:
+    """Switch plotly to the book renderer in a book build (``$MOMLP_BOOK_BUILD=1``). Taught in: book/routing_trees."""
+    if os.environ.get(BOOK_BUILD_ENV) == "1":
         pio.renderers.default = "momlp_book"
-        return True
-    return False
 
 
 def slider_figure(steps: Sequence[tuple[str, Sequence[go.BaseTraceType]]], slider_label: str, active: int = 0,
                   **layout: Any) -> go.Figure:
-    """One figure whose slider shows one ``(label, traces)`` group of ``steps`` at a time (works in static HTML).
+    """A figure whose slider shows one ``(label, traces)`` step at a time, in static HTML too.
     Taught in: book/momlp_grid_regression."""
     if not steps:
         raise ValueError("slider_figure needs at least one step, got none")
@@ -84,8 +78,7 @@ def _partition_traces(tree: RoutingTree, resolution: int, show_keys: bool) -> li
 
 def partition_figure(trees: Sequence[RoutingTree], labels: Sequence[str] | None = None, resolution: int = 200,
                      max_keys_shown: int = 1024, title: str = "Leaves of the routing tree") -> go.Figure:
-    """Partition of a 2-D box by each tree, with a slider to move between them (e.g. over depth).
-    Taught in: book/routing_trees."""
+    """Partition of a 2-D box by each tree, with a slider to move between them. Taught in: book/routing_trees."""
     if not trees:
         raise ValueError("partition_figure needs at least one tree, got none")
     labels = list(labels) if labels is not None else [str(t.depth) for t in trees]

@@ -12,10 +12,7 @@ __all__ = ["live_controls"]
 
 def live_controls(rows: Sequence[Sequence[Any]], update: Callable[[], None], draw_now: bool = True) -> Any:
     """Show rows of ipywidgets above an output area and rerun ``update`` into it on every change; return the area.
-
-    A button reruns it when pressed, any other control when its value changes. ``draw_now`` fills the area once right
-    away, except in a book build (``$MOMLP_BOOK_BUILD=1``), where the static page cannot run the controls anyway.
-    Taught in: book/routing_trees."""
+    ``draw_now`` fills it at once, except in a book build (``$MOMLP_BOOK_BUILD=1``). Taught in: book/routing_trees."""
     import ipywidgets as widgets
     from IPython.display import display
 
