@@ -1,5 +1,5 @@
-"""``momlp-train`` / ``python -m momlp_lite.distributed CONFIG``, alone or under torchrun. An error a user can cause
-ends it with exit code 2 (1 for a failed expert) and one line ``error: …`` on stderr, never a traceback.
+"""``momlp-train`` / ``python -m momlp_lite.distributed CONFIG``: a user's error exits 2 (a failed expert 1) with one
+line ``error: …`` on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -76,17 +76,13 @@ def _check_output(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; rank 0 prints the run summary as one JSON line at the end.
-    Taught in: book/distributed_training.
-    """
+    """Command-line entry point; rank 0 prints the summary as one JSON line. Taught in: book/distributed_training."""
     args = _parse_args(argv)
     try:
         cfg = load_run_config(args.config, profile=args.profile, overrides=_overrides(args))
         _check_output(cfg.run.output_dir)
         device = _check_device(args.device)
         shard = parse_shard(args.shard) if args.shard else None
-        if args.prepare and (shard is not None or env_int("WORLD_SIZE", 1) > 1):
-            raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
         if args.check:
             load_training_data(cfg)
             print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg)}))

@@ -1,7 +1,4 @@
-"""Checked safetensors files and the store's write protocol: atomic writes, one lock, owned temp files, writers.
-
-Taught in: book/serving_one_expert (sections "A damaged store fails loudly" and "Many writers, one store").
-"""
+"""Checked safetensors files and the store's write protocol. Taught in: book/serving_one_expert."""
 
 from __future__ import annotations
 
@@ -50,10 +47,8 @@ def is_temporary_file(path: str | os.PathLike[str]) -> bool:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` so that readers see the old file or the whole new one (temp file, ``fsync``, ``os.replace``).
-
-    The temp file ``.<name>.tmp-<pid>@<host>@<random>`` names its writer. Taught in: book/serving_one_expert.
-    """
+    """Write ``data`` via the temp file ``.<name>.tmp-<pid>@<host>@<random>``, ``fsync`` and ``os.replace``.
+    Taught in: book/serving_one_expert."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}{os.getpid()}@{HOST}@")
@@ -92,11 +87,8 @@ def _gone(pid: int, host: str, path: Path) -> bool:
 
 
 def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> list[str]:
-    """Remove the provably abandoned temp files in ``folders`` (hold :func:`store_lock`); returns their names.
-
-    Abandoned: its owner is gone (see ``_gone``), or, for a name without an owner, it was last written before
-    ``holder_start`` (when the lock holder began, a Unix time). Taught in: book/serving_one_expert.
-    """
+    """Remove (holding :func:`store_lock`) and name the temp files whose owner is gone, or, without an owner,
+    written before ``holder_start``. Taught in: book/serving_one_expert."""
     removed = []
     for folder in folders:
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -116,27 +108,21 @@ def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> li
 
 @contextmanager
 def store_lock(directory: str | os.PathLike[str], timeout: float = 120.0) -> Iterator[None]:
-    """The store's :class:`filelock.FileLock` (re-entrant in one thread); a no-op for a folder we cannot write.
-
-    Writers hold it to commit and clean up, readers while they read one version. :class:`StoreError` when
-    another process holds it for more than ``timeout`` seconds. Taught in: book/serving_one_expert.
-    """
+    """The store's re-entrant :class:`filelock.FileLock` (a no-op for a read-only folder), else StoreError
+    after ``timeout`` seconds. Taught in: book/serving_one_expert."""
     folder = Path(directory)
     if not os.access(folder, os.W_OK):  # a read-only copy: nobody can change it through us
         yield
         return
     key = str(folder.resolve())
-    if key not in _locks:
-        _locks[key] = FileLock(str(folder / LOCK_NAME), timeout=timeout)
+    lock = _locks.setdefault(key, FileLock(str(folder / LOCK_NAME), timeout=timeout))
     try:
-        _locks[key].acquire(timeout=timeout)
+        held = lock.acquire(timeout=timeout)
     except Timeout:
         raise StoreError(f"store {key!r} stayed locked by another process for {timeout:g} s; "
                          f"retry later, or remove {LOCK_NAME!r} if no writer is running") from None
-    try:
+    with held:
         yield
-    finally:
-        _locks[key].release()
 
 
 @contextmanager
@@ -220,8 +206,7 @@ def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str] | None = None) -> str:
     """Save tensors and metadata as a checked file, atomically; returns its SHA-256.
-    Taught in: book/serving_one_expert.
-    """
+    Taught in: book/serving_one_expert."""
     meta = dict(metadata or {})
     _check_payload(tensors, meta)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -231,11 +216,8 @@ def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
 
 
 def read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """``(tensors on CPU, metadata without the checksum, checksum)`` of a checked file, or :class:`StoreError`.
-
-    safetensors holds raw bytes and JSON only: a tampered file can fail, never run code (unlike pickle).
-    Taught in: book/serving_one_expert.
-    """
+    """``(tensors on CPU, metadata without the checksum, checksum)`` of a checked file, or StoreError.
+    Taught in: book/serving_one_expert."""
     p = Path(path)
     if not p.is_file():
         raise StoreError(f"store file {str(p)!r} does not exist; save it first or check the path")
