@@ -101,14 +101,14 @@ def _get_tree(cfg: RunConfig, out_dir: Path, workers: Workers, x: torch.Tensor) 
     if workers.mode == "shard" and tree is None:
         raise RuntimeError(f"no routing tree for this config in {str(out_dir)!r}; run "
                            "'python -m momlp_lite.distributed CONFIG --prepare' once before the job array")
-    if workers.is_main and tree is None:
+    if workers.rank == 0 and tree is None:
         r = cfg.routing
         if r.kind == "regular":
             tree = RoutingTree.regular(cfg.data.n, r.depth, r.branching, cfg.data.a, cfg.data.b)
         else:
             tree = RoutingTree.from_data(x, r.depth, r.branching, r.iters, seed=cfg.seed)
         save_tree(out_dir, tree, {"fingerprint": fp})
-    if workers.grouped:
+    if workers.backend:
         box: list[Any] = [tree.state_dict() if tree is not None else None]
         dist.broadcast_object_list(box, src=0, device=workers.device if workers.backend == "nccl" else None,
                                    **SAFE_UNPICKLE)
@@ -276,7 +276,7 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
     try:
         with writing(out_dir) as start:
             removed: list[str] = []
-            if workers.is_main:  # only temp files whose writer is provably gone (a dead pid, or older than us)
+            if workers.rank == 0:  # only temp files whose writer is provably gone (a dead pid, or older than us)
                 with store_lock(out_dir):
                     removed = remove_abandoned_temporaries([out_dir, out_dir / EXPERT_DIR], start)
             tree = _get_tree(cfg, out_dir, workers, x)
@@ -285,7 +285,7 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
             record = _train_shard(cfg, x, y, tree, out_dir, workers, progress)
             workers.barrier()
             records = [record]
-            if workers.grouped:
+            if workers.backend:
                 records = [None] * workers.world_size
                 dist.all_gather_object(records, record, **SAFE_UNPICKLE)
             summary: dict[str, Any] = {

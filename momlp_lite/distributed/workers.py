@@ -33,28 +33,20 @@ class Workers:
     device: torch.device
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def grouped(self) -> bool:
-        return self.mode == "torchrun"
-
-    @property
     def writes(self) -> bool:
         """Rank 0 and every job-array task write the tree, the summary and the manifest."""
-        return self.is_main or self.mode == "shard"
+        return self.rank == 0 or self.mode == "shard"
 
     def barrier(self) -> None:
-        """Wait for every rank (no-op without a process group)."""
+        """Wait for every rank (no-op without a process group, whose ``backend`` is then None)."""
         if self.backend == "nccl":
             dist.barrier(device_ids=[self.device.index or 0])
-        elif self.grouped:
+        elif self.backend:
             dist.barrier()
 
     def stop(self) -> None:
         """Tear down the process group, if this process has one."""
-        if self.grouped and dist.is_initialized():
+        if self.backend and dist.is_initialized():
             dist.destroy_process_group()
 
 
