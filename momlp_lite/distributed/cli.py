@@ -34,8 +34,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shard", help="I/N: train shard I of N without a process group (job arrays)")
     p.add_argument("--prepare", action="store_true", help="only build and save the routing tree (before a job array)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: automatic)")
-    p.add_argument("--timeout-min", type=float, default=24 * 60,
-                   help="how long ranks wait for the slowest one at the final barrier (minutes, default 1440)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
     return p.parse_args(argv)
@@ -87,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_training_data(cfg)
             print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg)}))
             return 0
-        summary = run(cfg, shard=shard, device=device, progress=not args.no_progress,
-                      prepare_only=args.prepare, timeout_min=args.timeout_min)
+        summary = run(cfg, shard=shard, device=device, progress=not args.no_progress, prepare_only=args.prepare)
     except (ValueError, RuntimeError, OSError) as err:  # ConfigError and StoreError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2

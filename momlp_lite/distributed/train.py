@@ -305,8 +305,7 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
                     info = {"trained_by": "momlp_lite.distributed", "fingerprint": fp,
                             "run_config": dataclasses.asdict(cfg)}
                     entries = {str(i): e for i, (_, e) in sorted(scan.items())}
-                    commit_experts(out_dir, shape.config, shape.parameters_per_expert, entries, tree, info, start,
-                                   {"fingerprint": fp})
+                    commit_experts(out_dir, shape, entries, tree, info, start, {"fingerprint": fp})
             summary.update(removed_temporary_files=removed, seconds=round(time.time() - start, 3))
             if workers.writes:
                 name = f"summary.shard-{workers.rank}-of-{workers.world_size}" if workers.mode == "shard" else "summary"

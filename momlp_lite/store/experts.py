@@ -124,13 +124,14 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
     return out
 
 
-def commit_experts(directory: str | os.PathLike[str], config: Mapping[str, Any], parameters_per_expert: int,
-                   entries: Mapping[str, Mapping[str, str]], tree: RoutingTree, info: Mapping[str, Any] | None = None,
-                   holder_start: float | None = None, tree_meta: Mapping[str, str] | None = None) -> Path:
-    """Commit an expert store's manifest (for :meth:`ExpertStore.save` and distributed runs).
-    Taught in: book/serving_one_expert."""
-    manifest = {"kind": "momlp-experts", "config": dict(config), "num_experts": len(entries),
-                "parameters_per_expert": parameters_per_expert, "experts": dict(entries), "info": dict(info or {})}
+def commit_experts(directory: str | os.PathLike[str], experts: StackedMLP, entries: Mapping[str, Mapping[str, str]],
+                   tree: RoutingTree, info: Mapping[str, Any] | None = None, holder_start: float | None = None,
+                   tree_meta: Mapping[str, str] | None = None) -> Path:
+    """Commit the manifest of ``entries``, experts shaped like ``experts`` (for :meth:`ExpertStore.save` and
+    distributed runs). Taught in: book/serving_one_expert."""
+    manifest = {"kind": "momlp-experts", "config": experts.config, "num_experts": len(entries),
+                "parameters_per_expert": experts.parameters_per_expert, "experts": dict(entries),
+                "info": dict(info or {})}
     return write_manifest(directory, manifest, tree, holder_start, tree_meta)
 
 
@@ -201,10 +202,8 @@ class ExpertStore:
             per_expert = int(manifest["parameters_per_expert"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(f"{where} is not an expert store manifest: missing or bad {exc}") from None
-        if tree is None:
-            if set(entries) != {0}:
-                raise StoreError(f"{where} has experts {sorted(entries)[:10]} but no routing tree")
-            tree = RoutingTree.single(int(config["n_in"]))
+        if tree is None:  # every save writes one, a one-leaf tree for a single expert
+            raise StoreError(f"{where} names no routing tree; re-save the store")
         if sorted(entries) != list(range(tree.num_leaves)) or manifest.get("num_experts", len(entries)) != len(entries):
             raise StoreError(f"{where} lists experts {sorted(entries)[:10]} (num_experts "
                              f"{manifest.get('num_experts')!r}) for a tree with {tree.num_leaves} leaves; "
@@ -237,7 +236,7 @@ class ExpertStore:
             for attempt in range(3):
                 entries = {str(i): write_expert(folder, i, experts.expert_state(i), {"config": shape}) for i in ids}
                 try:
-                    commit_experts(folder, experts.config, experts.parameters_per_expert, entries, tree, info, start)
+                    commit_experts(folder, experts, entries, tree, info, start)
                     break
                 except _Gone:
                     if attempt == 2:

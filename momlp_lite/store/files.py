@@ -26,7 +26,7 @@ TMP_MARK = ".tmp-"
 LOCK_NAME = ".store.lock"
 WRITERS_DIR = ".writers"
 HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-_OWNER = re.compile(r"\.tmp-(\d+)@([A-Za-z0-9_.-]+)@")
+_OWNER = re.compile(r"(?:^|\.tmp-)(\d+)@([A-Za-z0-9_.-]+)@")  # a temp file's or a writer entry's pid and host
 OTHER_HOST_STALE_S = 24 * 3600  # a temp file or writer entry of another machine: presumed gone after a day
 CHECKSUM_KEY = "momlp_sha256"
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -70,15 +70,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
-def _gone(pid: int, host: str, path: Path) -> bool:
-    """Whether a temp file's or writer entry's owner is provably gone: a dead pid here, or a day old elsewhere."""
-    if host != HOST:
-        try:
-            return path.stat().st_mtime < time.time() - OTHER_HOST_STALE_S
-        except FileNotFoundError:  # removed meanwhile: not ours to judge
-            return False
+def _abandoned(path: Path, holder_start: float | None = None) -> bool:
+    """Whether a temp file's or writer entry's owner is provably gone: a dead pid here, a day old elsewhere, or, for
+    a name without an owner, last written before ``holder_start``."""
+    match = _OWNER.search(path.name)
     try:
-        os.kill(pid, 0)
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile: not ours to judge
+        return False
+    if match is None:
+        return holder_start is not None and mtime < holder_start
+    if match[2] != HOST:
+        return mtime < time.time() - OTHER_HOST_STALE_S
+    try:
+        os.kill(int(match[1]), 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, owned by another user
@@ -92,15 +97,7 @@ def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> li
     removed = []
     for folder in folders:
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if not is_temporary_file(p):
-                continue
-            try:
-                mtime = p.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            match = _OWNER.search(p.name)
-            abandoned = mtime < holder_start if match is None else _gone(int(match[1]), match[2], p)
-            if abandoned:
+            if is_temporary_file(p) and _abandoned(p, holder_start):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
     return removed
@@ -144,11 +141,9 @@ def other_live_writers(directory: str | os.PathLike[str]) -> list[str]:
     reg = Path(directory) / WRITERS_DIR
     live = []
     for entry in sorted(reg.iterdir()) if reg.is_dir() else []:
-        pid, _, rest = entry.name.partition("@")
-        host = rest.rpartition("@")[0]
-        if not pid.isdigit() or (host, int(pid)) == (HOST, os.getpid()):
+        if not _OWNER.match(entry.name) or entry.name.startswith(f"{os.getpid()}@{HOST}@"):
             continue
-        if _gone(int(pid), host, entry):
+        if _abandoned(entry):
             entry.unlink(missing_ok=True)
         else:
             live.append(entry.name)
