@@ -270,11 +270,9 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
     x, y = load_training_data(cfg)  # a bad data file stops the run here, before anything is written
     workers = start_workers(shard, device, timeout_min)
     out_dir, fp = Path(cfg.run.output_dir), cfg.fingerprint()
-    if workers.writes:
-        out_dir.mkdir(parents=True, exist_ok=True)
     workers.barrier()
     try:
-        with writing(out_dir) as start:
+        with writing(out_dir) as start:  # registering creates the folder
             removed: list[str] = []
             if workers.rank == 0:  # only temp files whose writer is provably gone (a dead pid, or older than us)
                 with store_lock(out_dir):
@@ -294,7 +292,8 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
                 "trained": sorted(i for r in records for i in r["trained"]),
                 "skipped": sorted(i for r in records for i in r["skipped"]),
                 "corrupt_retrained": sorted(i for r in records for i in r["corrupt"]),
-                "failed": {k: v for r in records for k, v in r["failed"].items()}, "complete": False}
+                "failed": {k: v for r in records for k, v in r["failed"].items()}, "complete": False,
+                "removed_temporary_files": removed}
             if workers.writes:  # in a job array, the last task to finish commits
                 scan = _scan(out_dir, range(tree.num_leaves), fp)
                 summary["complete"] = all(st == "done" for st, _ in scan.values())
@@ -306,8 +305,7 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
                             "run_config": dataclasses.asdict(cfg)}
                     entries = {str(i): e for i, (_, e) in sorted(scan.items())}
                     commit_experts(out_dir, shape, entries, tree, info, start, {"fingerprint": fp})
-            summary.update(removed_temporary_files=removed, seconds=round(time.time() - start, 3))
-            if workers.writes:
+                summary["seconds"] = round(time.time() - start, 3)
                 name = f"summary.shard-{workers.rank}-of-{workers.world_size}" if workers.mode == "shard" else "summary"
                 atomic_write_bytes(out_dir / f"{name}.json", json.dumps(summary, indent=2).encode())
             return summary
