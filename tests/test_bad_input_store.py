@@ -21,7 +21,8 @@ from momlp_lite.distributed.cli import main
 from momlp_lite.distributed.config import ConfigError, parse_run_config
 from momlp_lite.moe.experts import StackedMLP
 from momlp_lite.moe.routing import RoutingTree
-from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, StoreError, save_expert_file, write_manifest
+from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, write_manifest
+from momlp_lite.store.files import StoreError, save_expert_file
 
 GOOD = {
     "seed": 3,
@@ -74,7 +75,7 @@ def test_expert_path_names_the_missing_id(saved: Path) -> None:
         ExpertStore(saved).expert_path(99)
 
 
-# ---------------------------------------------------------------------------- the manifest: 13 cases
+# ---------------------------------------------------------------------------- the manifest: 14 cases
 def _set_file(value):
     def edit(doc):
         doc["experts"]["0"]["file"] = value
@@ -94,6 +95,7 @@ def _swap(doc):
     (lambda d: d["routing_tree"].update(file="../tree.safetensors"), "routing_tree names file '../tree.safetensors'"),
     (lambda d: d["routing_tree"].update(levels=3), "says 3 levels"),
     (lambda d: d["routing_tree"].update(num_leaves=16), "16 leaves"),
+    (lambda d: d.pop("routing_tree"), "names no routing tree"),
     (lambda d: d["experts"].pop("3"), "lists experts [0, 1, 2]"),
     (lambda d: d.update(num_experts=5), "num_experts 5"),
     (lambda d: d["experts"].update({"2": "expert_2.safetensors"}), "experts[2]"),

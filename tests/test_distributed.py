@@ -26,7 +26,8 @@ from momlp_lite.distributed.cli import main
 from momlp_lite.distributed.config import load_run_config
 from momlp_lite.distributed.train import CRASH_ENV, compare_stores, expert_status, init_experts, run
 from momlp_lite.distributed.workers import parse_shard, shard_ids, torchrun_command
-from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, expert_files, load_expert_file
+from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, expert_files
+from momlp_lite.store.files import load_expert_file
 
 
 def expert_path(out: Path, i: int) -> Path:

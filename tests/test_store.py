@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from momlp_lite.moe.routing import RoutingTree
 from momlp_lite.store import files
-from momlp_lite.store.experts import MANIFEST_NAME, StoreError, read_manifest, write_manifest
-from momlp_lite.store.files import CHECKSUM_KEY, expert_file_ok, is_temporary_file, load_expert_file, save_expert_file
+from momlp_lite.store.experts import MANIFEST_NAME, read_manifest, write_manifest
+from momlp_lite.store.files import (CHECKSUM_KEY, StoreError, expert_file_ok, is_temporary_file, load_expert_file,
+                                  save_expert_file)
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from momlp_lite.distributed.cli import main
 from momlp_lite.moe.experts import StackedMLP
 from momlp_lite.moe.routing import RoutingTree
-from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, expert_files, save_expert_file
-from momlp_lite.store.files import HOST, is_temporary_file
+from momlp_lite.store.experts import MANIFEST_NAME, ExpertStore, expert_files
+from momlp_lite.store.files import HOST, is_temporary_file, save_expert_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 20

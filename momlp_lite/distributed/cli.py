@@ -1,5 +1,5 @@
-"""``momlp-train`` / ``python -m momlp_lite.distributed CONFIG``, alone or under torchrun. An error a user can cause
-ends it with exit code 2 (1 for a failed expert) and one line ``error: …`` on stderr, never a traceback.
+"""``momlp-train`` / ``python -m momlp_lite.distributed CONFIG``: a user's error exits 2 (a failed expert 1) with one
+line ``error: …`` on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shard", help="I/N: train shard I of N without a process group (job arrays)")
     p.add_argument("--prepare", action="store_true", help="only build and save the routing tree (before a job array)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: automatic)")
-    p.add_argument("--timeout-min", type=float, default=24 * 60,
-                   help="how long ranks wait for the slowest one at the final barrier (minutes, default 1440)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="validate the config and the data, then exit")
     return p.parse_args(argv)
@@ -76,23 +74,18 @@ def _check_output(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; rank 0 prints the run summary as one JSON line at the end.
-    Taught in: book/distributed_training.
-    """
+    """Command-line entry point; rank 0 prints the summary as one JSON line. Taught in: book/distributed_training."""
     args = _parse_args(argv)
     try:
         cfg = load_run_config(args.config, profile=args.profile, overrides=_overrides(args))
         _check_output(cfg.run.output_dir)
         device = _check_device(args.device)
         shard = parse_shard(args.shard) if args.shard else None
-        if args.prepare and (shard is not None or env_int("WORLD_SIZE", 1) > 1):
-            raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
         if args.check:
             load_training_data(cfg)
             print(json.dumps({"valid": True, "fingerprint": cfg.fingerprint(), "config": dataclasses.asdict(cfg)}))
             return 0
-        summary = run(cfg, shard=shard, device=device, progress=not args.no_progress,
-                      prepare_only=args.prepare, timeout_min=args.timeout_min)
+        summary = run(cfg, shard=shard, device=device, progress=not args.no_progress, prepare_only=args.prepare)
     except (ValueError, RuntimeError, OSError) as err:  # ConfigError and StoreError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,5 @@
-"""Run configs: one YAML or TOML file (``seed``, ``profile`` and the tables ``data``, ``routing``, ``experts``,
-``train``, ``run``) that says how to train a MoMLP, validated before any training; ``configs/grid_sine.yaml`` shows one.
-"""
+"""Run configs: a YAML or TOML file (``seed``, ``profile``, tables ``data``, ``routing``, ``experts``, ``train``,
+``run``; see ``configs/grid_sine.yaml``), validated before any training."""
 
 from __future__ import annotations
 
@@ -29,6 +28,8 @@ __all__ = ["ConfigError", "RunConfig", "load_run_config", "parse_run_config"]
 #: TrainConfig fields a run sets elsewhere: where to set them instead.
 RUN_LEVEL = {"seed": "the top-level 'seed'", "device": "--device", "progress": "--no-progress"}
 _OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "lt": ("<", operator.lt)}
+_READERS = {".yaml": (yaml.safe_load, yaml.YAMLError, "YAML"), ".yml": (yaml.safe_load, yaml.YAMLError, "YAML"),
+            ".toml": (tomllib.loads, tomllib.TOMLDecodeError, "TOML")}
 _KINDS = {int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
           float: ("a finite number",
                   lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
@@ -89,9 +90,7 @@ class RunSection:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A validated run config, per-profile values resolved; ``train`` is the trainer's ``TrainConfig``.
-    Taught in: book/distributed_training.
-    """
+    """A validated run config; ``train`` is the trainer's ``TrainConfig``. Taught in: book/distributed_training."""
 
     data: DataSection
     seed: int = _spec(0, ge=0)
@@ -118,19 +117,14 @@ _SECTIONS: dict[str, type] = {"data": DataSection, "routing": RoutingSection, "e
 
 def load_run_config(path: str | os.PathLike[str], profile: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a ``.yaml``/``.yml`` or ``.toml`` file and validate it; a relative ``data.path`` is relative to the file.
-    Taught in: book/distributed_training.
-    """
+    """Read and validate a ``.yaml``/``.yml``/``.toml`` file (``data.path`` relative to it).
+    Taught in: book/distributed_training."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a .yaml or .toml file")
-    suffix = p.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        loads, error, kind = yaml.safe_load, yaml.YAMLError, "YAML"
-    elif suffix == ".toml":
-        loads, error, kind = tomllib.loads, tomllib.TOMLDecodeError, "TOML"
-    else:
-        raise ConfigError(f"config file {str(p)!r} must end in .yaml, .yml or .toml, got {suffix!r}")
+    if p.suffix.lower() not in _READERS:
+        raise ConfigError(f"config file {str(p)!r} must end in .yaml, .yml or .toml, got {p.suffix.lower()!r}")
+    loads, error, kind = _READERS[p.suffix.lower()]
     try:
         raw = loads(p.read_text())
     except error as err:
@@ -140,12 +134,9 @@ def load_run_config(path: str | os.PathLike[str], profile: str | None = None,
 
 def parse_run_config(raw: Mapping[str, Any], profile: str | None = None, overrides: Mapping[str, Any] | None = None,
                      base_dir: str | os.PathLike[str] | None = None) -> RunConfig:
-    """Validate a nested dict into a :class:`RunConfig`; raises :class:`ConfigError` naming the key.
-
-    ``profile`` (else the file's ``profile``, else ``$MOMLP_PROFILE``) resolves ``{smoke:, default:, paper:}``
-    values; ``overrides`` are dotted keys (``{"run.output_dir": "/scratch/run1"}``).
-    Taught in: book/distributed_training.
-    """
+    """Validate a nested dict into a :class:`RunConfig`, else ConfigError naming the key; ``profile`` (else the file's,
+    else ``$MOMLP_PROFILE``) picks per-profile values; ``overrides`` are dotted keys.
+    Taught in: book/distributed_training."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"the top level must be a table of keys, got {type(raw).__name__}")
     raw = _apply_overrides(dict(raw), overrides or {})

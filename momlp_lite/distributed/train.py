@@ -1,6 +1,5 @@
 """Train a MoMLP's experts on many processes: rank ``r`` of ``W`` trains ``ids[r::W]`` through the store, rank 0
-commits. Expert ``i`` depends only on ``(seed, i)``, so any number of processes writes the same store, and a re-run
-skips every expert whose file is valid and has this config's fingerprint.
+commits; expert ``i`` depends only on ``(seed, i)``, and a re-run skips experts already done.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ from ..data import make_grid_data
 from ..moe.experts import StackedMLP
 from ..moe.routing import RoutingTree
 from ..moe.trainer import NonFiniteLossError, TrainConfig, train_experts
-from ..store.checked import read_checked
-from ..store.experts import (EXPERT_DIR, ExpertStore, StoreError, atomic_write_bytes, expert_files, load_tree,
-                             save_tree, write_expert, write_manifest)
-from ..store.files import remove_abandoned_temporaries, store_lock, writing
+from ..store.experts import EXPERT_DIR, ExpertStore, commit_experts, expert_files, load_tree, save_tree, write_expert
+from ..store.files import (StoreError, atomic_write_bytes, read_checked, remove_abandoned_temporaries, store_lock,
+                           writing)
 from .config import ConfigError, RunConfig
 from .workers import SAFE_UNPICKLE, Workers, env_int, shard_ids, start_workers
 
@@ -39,9 +37,7 @@ CRASH_ENV = "MOMLP_CRASH_AFTER"
 
 
 def load_training_data(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checked training points of ``cfg.data``; a bad file or too few points is a :class:`ConfigError`.
-    Taught in: book/distributed_training.
-    """
+    """The checked training points of ``cfg.data``, else ConfigError. Taught in: book/distributed_training."""
     d, r = cfg.data, cfg.routing
     if d.kind == "grid":
         grid = make_grid_data(d.target, d.n, d.s, d.a, d.b, d.test_fraction, seed=cfg.seed)
@@ -105,14 +101,14 @@ def _get_tree(cfg: RunConfig, out_dir: Path, workers: Workers, x: torch.Tensor) 
     if workers.mode == "shard" and tree is None:
         raise RuntimeError(f"no routing tree for this config in {str(out_dir)!r}; run "
                            "'python -m momlp_lite.distributed CONFIG --prepare' once before the job array")
-    if workers.is_main and tree is None:
+    if workers.rank == 0 and tree is None:
         r = cfg.routing
         if r.kind == "regular":
             tree = RoutingTree.regular(cfg.data.n, r.depth, r.branching, cfg.data.a, cfg.data.b)
         else:
             tree = RoutingTree.from_data(x, r.depth, r.branching, r.iters, seed=cfg.seed)
         save_tree(out_dir, tree, {"fingerprint": fp})
-    if workers.grouped:
+    if workers.backend:
         box: list[Any] = [tree.state_dict() if tree is not None else None]
         dist.broadcast_object_list(box, src=0, device=workers.device if workers.backend == "nccl" else None,
                                    **SAFE_UNPICKLE)
@@ -128,9 +124,7 @@ def _expert_shape(cfg: RunConfig, y: torch.Tensor, n_in: int) -> dict[str, Any]:
 
 
 def init_experts(cfg: RunConfig, shape: dict[str, Any], expert_ids: Sequence[int]) -> StackedMLP:
-    """Freshly initialized experts; expert ``i``'s weights depend only on ``(cfg.seed, i)``.
-    Taught in: book/distributed_training.
-    """
+    """New experts; expert ``i``'s weights depend only on ``(cfg.seed, i)``. Taught in: book/distributed_training."""
     return StackedMLP(len(expert_ids), expert_ids=list(expert_ids), seed=cfg.seed, **shape)
 
 
@@ -145,10 +139,8 @@ def _train_config(cfg: RunConfig, counts: torch.Tensor, device: torch.device, pr
 
 def _train_group(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, ids: list[int],
                  tcfg: TrainConfig) -> tuple[StackedMLP | None, dict[int, dict[str, str]], dict[int, str]]:
-    """Train ``ids`` in lockstep: ``(model, metadata per trained expert, reason per failed expert)``.
-
-    The trainer raises for a non-finite loss; an expert with non-finite weights fails too. A failed expert is never
-    recorded as trained, and the rest of its group trains again without it.
+    """Train ``ids`` in lockstep: ``(model, metadata per trained expert, reason per failed expert)``; a failed expert
+    (non-finite loss or weights) is never recorded as trained, and the rest of its group trains again without it.
     """
     counts = torch.bincount(leaf, minlength=max(ids) + 1)
     shape = _expert_shape(cfg, y, int(x.shape[1]))
@@ -206,9 +198,7 @@ def _scan(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, tupl
 
 
 def expert_status(out_dir: Path, ids: Sequence[int], fingerprint: str) -> dict[int, str]:
-    """``"done"``, ``"missing"``, ``"corrupt"`` or ``"failed"`` per expert id (RuntimeError for other settings).
-    Taught in: book/distributed_training.
-    """
+    """``"done"``, ``"missing"``, ``"corrupt"`` or ``"failed"`` per expert id. Taught in: book/distributed_training."""
     return {i: st for i, (st, _) in _scan(Path(out_dir), ids, fingerprint).items()}
 
 
@@ -253,22 +243,9 @@ def _train_shard(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, tree: Routing
     return record
 
 
-def _commit(cfg: RunConfig, tree: RoutingTree, n_in: int, y: torch.Tensor, out_dir: Path, start: float,
-            scan: dict[int, tuple[str, dict[str, str] | None]]) -> None:
-    """Write the manifest of :class:`~momlp_lite.store.experts.ExpertStore` once every expert is done."""
-    shape = StackedMLP(1, **_expert_shape(cfg, y, n_in), device="meta")  # no memory: just the config
-    manifest = {"kind": "momlp-experts", "config": shape.config, "num_experts": tree.num_leaves,
-                "parameters_per_expert": shape.parameters_per_expert,
-                "experts": {str(i): e for i, (_, e) in sorted(scan.items())},
-                "info": {"trained_by": "momlp_lite.distributed", "fingerprint": cfg.fingerprint(),
-                         "run_config": dataclasses.asdict(cfg)}}
-    write_manifest(out_dir, manifest, tree, holder_start=start, tree_meta={"fingerprint": cfg.fingerprint()})
-
-
 def compare_stores(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
-    """Differences between two committed stores (empty: identical), bit for bit (``torch.equal``): every expert
-    tensor, the fingerprints and the tree's keys. Taught in: book/distributed_training.
-    """
+    """Differences (``torch.equal``) of two stores' expert tensors, fingerprints and tree keys.
+    Taught in: book/distributed_training."""
     sa, sb = ExpertStore(a), ExpertStore(b)
     if sa.expert_ids != sb.expert_ids:
         return [f"expert ids differ: {sorted(set(sa.expert_ids) ^ set(sb.expert_ids))[:10]}"]
@@ -286,21 +263,18 @@ def compare_stores(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list
 
 def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None = None, progress: bool = True,
         prepare_only: bool = False, timeout_min: float = 24 * 60) -> dict[str, Any]:
-    """Train (this process's share of) the MoMLP of ``cfg``; the summary is complete on rank 0.
-    Taught in: book/distributed_training.
-    """
+    """Train this process's share of ``cfg``'s MoMLP; rank 0's summary is complete.
+    Taught in: book/distributed_training."""
     if prepare_only and (shard is not None or env_int("WORLD_SIZE", 1) > 1):
         raise ValueError("--prepare runs in one process; start it without torchrun and without --shard")
     x, y = load_training_data(cfg)  # a bad data file stops the run here, before anything is written
     workers = start_workers(shard, device, timeout_min)
     out_dir, fp = Path(cfg.run.output_dir), cfg.fingerprint()
-    if workers.writes:
-        out_dir.mkdir(parents=True, exist_ok=True)
     workers.barrier()
     try:
-        with writing(out_dir) as start:
+        with writing(out_dir) as start:  # registering creates the folder
             removed: list[str] = []
-            if workers.is_main:  # only temp files whose writer is provably gone (a dead pid, or older than us)
+            if workers.rank == 0:  # only temp files whose writer is provably gone (a dead pid, or older than us)
                 with store_lock(out_dir):
                     removed = remove_abandoned_temporaries([out_dir, out_dir / EXPERT_DIR], start)
             tree = _get_tree(cfg, out_dir, workers, x)
@@ -309,7 +283,7 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
             record = _train_shard(cfg, x, y, tree, out_dir, workers, progress)
             workers.barrier()
             records = [record]
-            if workers.grouped:
+            if workers.backend:
                 records = [None] * workers.world_size
                 dist.all_gather_object(records, record, **SAFE_UNPICKLE)
             summary: dict[str, Any] = {
@@ -318,16 +292,20 @@ def run(cfg: RunConfig, shard: tuple[int, int] | None = None, device: str | None
                 "trained": sorted(i for r in records for i in r["trained"]),
                 "skipped": sorted(i for r in records for i in r["skipped"]),
                 "corrupt_retrained": sorted(i for r in records for i in r["corrupt"]),
-                "failed": {k: v for r in records for k, v in r["failed"].items()}, "complete": False}
+                "failed": {k: v for r in records for k, v in r["failed"].items()}, "complete": False,
+                "removed_temporary_files": removed}
             if workers.writes:  # in a job array, the last task to finish commits
                 scan = _scan(out_dir, range(tree.num_leaves), fp)
                 summary["complete"] = all(st == "done" for st, _ in scan.values())
                 summary["failed"] = {str(i): summary["failed"].get(str(i), "failed in an earlier run")
                                      for i, (st, _) in scan.items() if st == "failed"}
                 if summary["complete"]:
-                    _commit(cfg, tree, int(x.shape[1]), y, out_dir, start, scan)
-            summary.update(removed_temporary_files=removed, seconds=round(time.time() - start, 3))
-            if workers.writes:
+                    shape = StackedMLP(1, **_expert_shape(cfg, y, int(x.shape[1])), device="meta")  # just the config
+                    info = {"trained_by": "momlp_lite.distributed", "fingerprint": fp,
+                            "run_config": dataclasses.asdict(cfg)}
+                    entries = {str(i): e for i, (_, e) in sorted(scan.items())}
+                    commit_experts(out_dir, shape, entries, tree, info, start, {"fingerprint": fp})
+                summary["seconds"] = round(time.time() - start, 3)
                 name = f"summary.shard-{workers.rank}-of-{workers.world_size}" if workers.mode == "shard" else "summary"
                 atomic_write_bytes(out_dir / f"{name}.json", json.dumps(summary, indent=2).encode())
             return summary

@@ -17,15 +17,13 @@ from ..runtime import get_device
 __all__ = ["Workers", "shard_ids", "parse_shard", "start_workers", "torchrun_command"]
 
 # Object collectives pickle; where torch can, unpickle only tensors and plain containers.
-_HAS_WEIGHTS_ONLY = "weights_only" in inspect.signature(dist.broadcast_object_list).parameters
-SAFE_UNPICKLE = {"weights_only": True} if _HAS_WEIGHTS_ONLY else {}
+SAFE_UNPICKLE = {"weights_only": True} if "weights_only" in inspect.signature(dist.all_gather_object).parameters else {}
 
 
 @dataclass(frozen=True)
 class Workers:
-    """This process's place in a run. ``mode`` is ``"single"``, ``"torchrun"`` (a process group whose ``backend`` is
-    nccl or gloo) or ``"shard"`` (``--shard i/n``, no group). Taught in: book/distributed_training.
-    """
+    """This process's place: ``mode`` ``"single"``, ``"torchrun"`` (a nccl or gloo group) or ``"shard"`` (``--shard``).
+    Taught in: book/distributed_training."""
 
     rank: int
     world_size: int
@@ -35,36 +33,25 @@ class Workers:
     device: torch.device
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def grouped(self) -> bool:
-        """Whether collectives (barrier, broadcast) are available."""
-        return self.mode == "torchrun"
-
-    @property
     def writes(self) -> bool:
-        """Whether this process writes the tree, the summary and the manifest: rank 0, or every job-array task."""
-        return self.is_main or self.mode == "shard"
+        """Rank 0 and every job-array task write the tree, the summary and the manifest."""
+        return self.rank == 0 or self.mode == "shard"
 
     def barrier(self) -> None:
-        """Wait for every rank (no-op without a process group)."""
+        """Wait for every rank (no-op without a process group, whose ``backend`` is then None)."""
         if self.backend == "nccl":
             dist.barrier(device_ids=[self.device.index or 0])
-        elif self.grouped:
+        elif self.backend:
             dist.barrier()
 
     def stop(self) -> None:
         """Tear down the process group, if this process has one."""
-        if self.grouped and dist.is_initialized():
+        if self.backend and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def shard_ids(ids: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """``ids[rank::world_size]``: round robin keeps the shares within one expert of each other.
-    Taught in: book/distributed_training.
-    """
+    """``ids[rank::world_size]``: the shares differ by at most one expert. Taught in: book/distributed_training."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     return list(ids)[rank::world_size]
@@ -88,11 +75,8 @@ def env_int(name: str, default: int) -> int:
 
 def start_workers(shard: tuple[int, int] | None = None, device: str | None = None,
                   timeout_min: float = 24 * 60) -> Workers:
-    """Find out who this process is; under ``torchrun`` (``WORLD_SIZE`` set) start the process group.
-
-    The group uses NCCL when every local rank has its own GPU (``LOCAL_RANK``), else gloo. ``timeout_min`` bounds the
-    wait for the slowest rank at the final barrier. Taught in: book/distributed_training.
-    """
+    """Who this process is; under torchrun start the group: NCCL when every local rank has its own GPU, else gloo.
+    Taught in: book/distributed_training."""
     world = env_int("WORLD_SIZE", 1)
     if shard is not None:
         if world > 1:
@@ -119,9 +103,8 @@ def start_workers(shard: tuple[int, int] | None = None, device: str | None = Non
 def torchrun_command(config: str | os.PathLike[str], nproc_per_node: int = 2, *, nnodes: int | None = None,
                      rdzv_endpoint: str | None = None, rdzv_id: str = "momlp", max_restarts: int = 0,
                      extra_args: Sequence[str] = ()) -> list[str]:
-    """The ``torchrun`` command line that trains ``config``: ``--standalone`` on one machine, or, with
-    ``rdzv_endpoint`` (``host:port``), the same command on every machine. Taught in: book/distributed_training.
-    """
+    """The ``torchrun`` command that trains ``config``: ``--standalone``, or the same command on every machine with
+    ``rdzv_endpoint`` (``host:port``). Taught in: book/distributed_training."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv_endpoint is None:
         cmd += ["--standalone"]

@@ -1,10 +1,5 @@
-"""The expert store: one checked file per expert, a checked manifest, one-expert-at-a-time serving.
-
-Taught in: book/serving_one_expert. The only layout (distributed runs write it too)::
-
-    manifest.json                                  the commit point (written last, under the lock)
-    routing_tree.<hash>.safetensors                the tree's keys (RoutingTree.state_dict)
-    experts/expert_<id>.<hash>.safetensors         one checked file per expert, named by its content
+"""The expert store: ``manifest.json`` (the commit point), ``routing_tree.<hash>.safetensors`` and one checked file
+per expert, ``experts/expert_<id>.<hash>.safetensors``. Taught in: book/serving_one_expert.
 """
 
 from __future__ import annotations
@@ -23,13 +18,13 @@ from ..moe.experts import StackedMLP
 from ..moe.routing import RoutingTree
 from ..runtime import get_device
 from . import files
-from .files import (StoreError, atomic_write_bytes, expert_file_ok, load_expert_file, other_live_writers,
-                    read_checked, remove_abandoned_temporaries, save_expert_file, store_lock, tensor_checksum, writing)
+from .files import load_expert_file  # noqa: F401 - still imported from here by data/features
+from .files import (StoreError, expert_file_ok, other_live_writers, read_checked, remove_abandoned_temporaries,
+                    save_expert_file, store_lock, tensor_checksum, writing)
 from .memory import measure_peak_memory
 
-__all__ = ["StoreError", "MANIFEST_NAME", "EXPERT_DIR", "atomic_write_bytes", "save_expert_file", "load_expert_file",
-           "write_expert", "expert_files", "save_tree", "load_tree", "write_manifest", "read_manifest", "Prediction",
-           "ExpertStore"]
+__all__ = ["MANIFEST_NAME", "EXPERT_DIR", "write_expert", "expert_files", "save_tree", "load_tree", "write_manifest",
+           "commit_experts", "read_manifest", "Prediction", "ExpertStore"]
 
 MANIFEST_NAME = "manifest.json"
 TREE_PREFIX = "routing_tree"
@@ -98,11 +93,9 @@ def _contained(folder: Path, name: Any, what: str) -> Path:
 
 def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any], tree: RoutingTree | None = None,
                    holder_start: float | None = None, tree_meta: Mapping[str, str] | None = None) -> Path:
-    """Commit a store under its lock: the tree file, ``manifest.json``, then the clean-up.
-
-    Taught in: book/serving_one_expert. The clean-up removes provably abandoned temp files (``holder_start``:
-    when this writer began) and, only when no other writer is registered, older files the manifest does not name.
-    """
+    """Commit under the store's lock: the tree file, ``manifest.json``, then remove abandoned temp files and, when
+    no other writer is registered, files older than ``holder_start`` it does not name.
+    Taught in: book/serving_one_expert."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"format": STORE_FORMAT, "version": STORE_VERSION, **dict(manifest)}
@@ -129,6 +122,17 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
                 if p.relative_to(folder).as_posix() not in keep and p.stat().st_mtime < start:
                     p.unlink(missing_ok=True)
     return out
+
+
+def commit_experts(directory: str | os.PathLike[str], experts: StackedMLP, entries: Mapping[str, Mapping[str, str]],
+                   tree: RoutingTree, info: Mapping[str, Any] | None = None, holder_start: float | None = None,
+                   tree_meta: Mapping[str, str] | None = None) -> Path:
+    """Commit the manifest of ``entries``, experts shaped like ``experts`` (for :meth:`ExpertStore.save` and
+    distributed runs). Taught in: book/serving_one_expert."""
+    manifest = {"kind": "momlp-experts", "config": experts.config, "num_experts": len(entries),
+                "parameters_per_expert": experts.parameters_per_expert, "experts": dict(entries),
+                "info": dict(info or {})}
+    return write_manifest(directory, manifest, tree, holder_start, tree_meta)
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree | None]:
@@ -176,11 +180,8 @@ class Prediction:
 
 
 class ExpertStore:
-    """A folder holding a MoMLP: one checked file per expert, the routing tree, a checked manifest.
-
-    Taught in: book/serving_one_expert. Open one with ``ExpertStore(directory)``, write one with :meth:`save`.
-    Every read holds the store's lock and first reloads a newly committed manifest: it sees one whole version.
-    """
+    """A MoMLP in a folder; every read holds the lock and sees one committed version.
+    Taught in: book/serving_one_expert."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -201,10 +202,8 @@ class ExpertStore:
             per_expert = int(manifest["parameters_per_expert"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(f"{where} is not an expert store manifest: missing or bad {exc}") from None
-        if tree is None:
-            if set(entries) != {0}:
-                raise StoreError(f"{where} has experts {sorted(entries)[:10]} but no routing tree")
-            tree = RoutingTree.single(int(config["n_in"]))
+        if tree is None:  # every save writes one, a one-leaf tree for a single expert
+            raise StoreError(f"{where} names no routing tree; re-save the store")
         if sorted(entries) != list(range(tree.num_leaves)) or manifest.get("num_experts", len(entries)) != len(entries):
             raise StoreError(f"{where} lists experts {sorted(entries)[:10]} (num_experts "
                              f"{manifest.get('num_experts')!r}) for a tree with {tree.num_leaves} leaves; "
@@ -221,10 +220,7 @@ class ExpertStore:
     @classmethod
     def save(cls, directory: str | os.PathLike[str], experts: StackedMLP, tree: RoutingTree | None = None,
              info: Mapping[str, Any] | None = None) -> "ExpertStore":
-        """Write every expert's file, then commit the tree and the manifest (:func:`write_manifest`).
-
-        ``tree`` may be omitted for a single expert (a one-leaf tree: every input goes to expert 0).
-        """
+        """Write every expert's file, then commit; ``tree=None`` for one expert (a one-leaf tree)."""
         ids = [int(i) for i in experts.expert_ids.tolist()]
         if tree is None:
             if ids != [0]:
@@ -240,9 +236,7 @@ class ExpertStore:
             for attempt in range(3):
                 entries = {str(i): write_expert(folder, i, experts.expert_state(i), {"config": shape}) for i in ids}
                 try:
-                    write_manifest(folder, {"kind": "momlp-experts", "config": experts.config, "num_experts": len(ids),
-                                            "parameters_per_expert": experts.parameters_per_expert, "experts": entries,
-                                            "info": dict(info or {})}, tree, holder_start=start)
+                    commit_experts(folder, experts, entries, tree, info, start)
                     break
                 except _Gone:
                     if attempt == 2:
@@ -309,10 +303,7 @@ class ExpertStore:
     @torch.no_grad()
     def predict(self, x: torch.Tensor, device: torch.device | str | None = None, progress: bool = False,
                 measure_memory: bool = True) -> Prediction:
-        """Predict loading **one expert at a time** (one batched forward per expert that got rows).
-
-        ``measure_memory=False`` for timings: the CPU meter (:mod:`~momlp_lite.store.memory`) slows every op down.
-        """
+        """Predict loading one expert at a time; ``measure_memory=False`` for timings (the CPU meter is slow)."""
         dev = torch.device(device) if device is not None else get_device()
         x = self._inputs(x)
         start = time.perf_counter()

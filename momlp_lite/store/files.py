@@ -1,7 +1,4 @@
-"""Checked safetensors files and the store's write protocol: atomic writes, one lock, owned temp files, writers.
-
-Taught in: book/serving_one_expert (sections "A damaged store fails loudly" and "Many writers, one store").
-"""
+"""Checked safetensors files and the store's write protocol. Taught in: book/serving_one_expert."""
 
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ TMP_MARK = ".tmp-"
 LOCK_NAME = ".store.lock"
 WRITERS_DIR = ".writers"
 HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-_OWNER = re.compile(r"\.tmp-(\d+)@([A-Za-z0-9_.-]+)@")
+_OWNER = re.compile(r"(?:^|\.tmp-)(\d+)@([A-Za-z0-9_.-]+)@")  # a temp file's or a writer entry's pid and host
 OTHER_HOST_STALE_S = 24 * 3600  # a temp file or writer entry of another machine: presumed gone after a day
 CHECKSUM_KEY = "momlp_sha256"
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -50,10 +47,8 @@ def is_temporary_file(path: str | os.PathLike[str]) -> bool:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` so that readers see the old file or the whole new one (temp file, ``fsync``, ``os.replace``).
-
-    The temp file ``.<name>.tmp-<pid>@<host>@<random>`` names its writer. Taught in: book/serving_one_expert.
-    """
+    """Write ``data`` via the temp file ``.<name>.tmp-<pid>@<host>@<random>``, ``fsync`` and ``os.replace``.
+    Taught in: book/serving_one_expert."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}{os.getpid()}@{HOST}@")
@@ -75,15 +70,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
-def _gone(pid: int, host: str, path: Path) -> bool:
-    """Whether a temp file's or writer entry's owner is provably gone: a dead pid here, or a day old elsewhere."""
-    if host != HOST:
-        try:
-            return path.stat().st_mtime < time.time() - OTHER_HOST_STALE_S
-        except FileNotFoundError:  # removed meanwhile: not ours to judge
-            return False
+def _abandoned(path: Path, holder_start: float | None = None) -> bool:
+    """Whether a temp file's or writer entry's owner is provably gone: a dead pid here, a day old elsewhere, or, for
+    a name without an owner, last written before ``holder_start``."""
+    match = _OWNER.search(path.name)
     try:
-        os.kill(pid, 0)
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile: not ours to judge
+        return False
+    if match is None:
+        return holder_start is not None and mtime < holder_start
+    if match[2] != HOST:
+        return mtime < time.time() - OTHER_HOST_STALE_S
+    try:
+        os.kill(int(match[1]), 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, owned by another user
@@ -92,23 +92,12 @@ def _gone(pid: int, host: str, path: Path) -> bool:
 
 
 def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> list[str]:
-    """Remove the provably abandoned temp files in ``folders`` (hold :func:`store_lock`); returns their names.
-
-    Abandoned: its owner is gone (see ``_gone``), or, for a name without an owner, it was last written before
-    ``holder_start`` (when the lock holder began, a Unix time). Taught in: book/serving_one_expert.
-    """
+    """Remove (holding :func:`store_lock`) and name the temp files whose owner is gone, or, without an owner,
+    written before ``holder_start``. Taught in: book/serving_one_expert."""
     removed = []
     for folder in folders:
         for p in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if not is_temporary_file(p):
-                continue
-            try:
-                mtime = p.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            match = _OWNER.search(p.name)
-            abandoned = mtime < holder_start if match is None else _gone(int(match[1]), match[2], p)
-            if abandoned:
+            if is_temporary_file(p) and _abandoned(p, holder_start):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
     return removed
@@ -116,27 +105,21 @@ def remove_abandoned_temporaries(folders: list[Path], holder_start: float) -> li
 
 @contextmanager
 def store_lock(directory: str | os.PathLike[str], timeout: float = 120.0) -> Iterator[None]:
-    """The store's :class:`filelock.FileLock` (re-entrant in one thread); a no-op for a folder we cannot write.
-
-    Writers hold it to commit and clean up, readers while they read one version. :class:`StoreError` when
-    another process holds it for more than ``timeout`` seconds. Taught in: book/serving_one_expert.
-    """
+    """The store's re-entrant :class:`filelock.FileLock` (a no-op for a read-only folder), else StoreError
+    after ``timeout`` seconds. Taught in: book/serving_one_expert."""
     folder = Path(directory)
     if not os.access(folder, os.W_OK):  # a read-only copy: nobody can change it through us
         yield
         return
     key = str(folder.resolve())
-    if key not in _locks:
-        _locks[key] = FileLock(str(folder / LOCK_NAME), timeout=timeout)
+    lock = _locks.setdefault(key, FileLock(str(folder / LOCK_NAME), timeout=timeout))
     try:
-        _locks[key].acquire(timeout=timeout)
+        held = lock.acquire(timeout=timeout)
     except Timeout:
         raise StoreError(f"store {key!r} stayed locked by another process for {timeout:g} s; "
                          f"retry later, or remove {LOCK_NAME!r} if no writer is running") from None
-    try:
+    with held:
         yield
-    finally:
-        _locks[key].release()
 
 
 @contextmanager
@@ -158,11 +141,9 @@ def other_live_writers(directory: str | os.PathLike[str]) -> list[str]:
     reg = Path(directory) / WRITERS_DIR
     live = []
     for entry in sorted(reg.iterdir()) if reg.is_dir() else []:
-        pid, _, rest = entry.name.partition("@")
-        host = rest.rpartition("@")[0]
-        if not pid.isdigit() or (host, int(pid)) == (HOST, os.getpid()):
+        if not _OWNER.match(entry.name) or entry.name.startswith(f"{os.getpid()}@{HOST}@"):
             continue
-        if _gone(int(pid), host, entry):
+        if _abandoned(entry):
             entry.unlink(missing_ok=True)
         else:
             live.append(entry.name)
@@ -220,8 +201,7 @@ def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, str] | None = None) -> str:
     """Save tensors and metadata as a checked file, atomically; returns its SHA-256.
-    Taught in: book/serving_one_expert.
-    """
+    Taught in: book/serving_one_expert."""
     meta = dict(metadata or {})
     _check_payload(tensors, meta)
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
@@ -231,11 +211,8 @@ def save_expert_file(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
 
 
 def read_checked(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """``(tensors on CPU, metadata without the checksum, checksum)`` of a checked file, or :class:`StoreError`.
-
-    safetensors holds raw bytes and JSON only: a tampered file can fail, never run code (unlike pickle).
-    Taught in: book/serving_one_expert.
-    """
+    """``(tensors on CPU, metadata without the checksum, checksum)`` of a checked file, or StoreError.
+    Taught in: book/serving_one_expert."""
     p = Path(path)
     if not p.is_file():
         raise StoreError(f"store file {str(p)!r} does not exist; save it first or check the path")

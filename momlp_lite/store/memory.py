@@ -1,7 +1,4 @@
-"""Peak memory of torch tensors (CPU: a dispatch-mode meter; CUDA: max_memory_allocated).
-
-Taught in: book/serving_one_expert.
-"""
+"""Peak tensor memory: a dispatch-mode meter on CPU, max_memory_allocated on CUDA (book/serving_one_expert)."""
 
 from __future__ import annotations
 
@@ -18,11 +15,8 @@ __all__ = ["TensorMemoryMeter", "MemoryReport", "measure_peak_memory"]
 
 
 class TensorMemoryMeter(TorchDispatchMode):
-    """Count the bytes of live tensor storages created by aten ops while the meter is active.
-
-    Each storage is counted once until it is freed; ``peak_bytes`` is the largest total right after an op.
-    It counts tensor memory only (not the interpreter or allocator slack), so CPU runs are comparable.
-    Taught in: book/serving_one_expert.
+    """Peak bytes (``peak_bytes``) of the live tensor storages that aten ops create while it is active, each counted
+    once until freed (tensor memory only, so CPU runs compare). Taught in: book/serving_one_expert.
     """
 
     def __init__(self) -> None:
@@ -41,8 +35,7 @@ class TensorMemoryMeter(TorchDispatchMode):
         nbytes, ptr = storage.nbytes(), storage.data_ptr()
         if nbytes == 0 or (ptr in self._live and not self._live[ptr][0].expired()):
             return  # empty, or a view of (or the same) live storage
-        # A new allocation: first forget the storages freed since the last one (memory only grows at
-        # allocations, so purging here keeps the peak exact and views cost nothing).
+        # a new allocation: forget the storages freed since the last one first (memory only grows at allocations)
         for k in [k for k, (ref, _) in self._live.items() if ref.expired()]:
             self.current_bytes -= self._live.pop(k)[1]
         self._live[ptr] = (StorageWeakRef(storage), nbytes)
@@ -58,9 +51,7 @@ class TensorMemoryMeter(TorchDispatchMode):
 
 @dataclass
 class MemoryReport:
-    """Peak memory of a block of work (``peak_bytes``) and how it was measured (``how``).
-    Taught in: book/serving_one_expert.
-    """
+    """Peak memory of a block (``peak_bytes``) and how it was measured (``how``). Taught in: book/serving_one_expert."""
 
     peak_bytes: int | None = 0
     how: str = ""
@@ -68,10 +59,8 @@ class MemoryReport:
 
 @contextmanager
 def measure_peak_memory(device: torch.device | str, enabled: bool = True) -> Iterator[MemoryReport]:
-    """Peak memory of the block on ``device`` (``enabled=False``: an empty report).
-
-    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the start. Elsewhere: the peak bytes of
-    live tensors created in the block (:class:`TensorMemoryMeter`). Taught in: book/serving_one_expert.
+    """Peak memory of the block on ``device``: CUDA's ``max_memory_allocated`` above the start, else a
+    :class:`TensorMemoryMeter` (``enabled=False``: not measured). Taught in: book/serving_one_expert.
     """
     dev = torch.device(device)
     if not enabled:
