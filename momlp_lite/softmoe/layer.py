@@ -27,8 +27,9 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 class SoftMoE(nn.Module):
     """Soft MoE on ``X [B, m, d]``: router ``Φ [d, n·p]``, ``n`` ReLU experts ``d → h → d``, ``p`` slots each.
 
-    ``normalize``: ``"tokens"`` (the authors' code), ``"logits"`` (vmoe) or ``"none"`` (Definition 1); ``phi_init``:
-    ``normal`` ``N(0, 1/d)`` or ``uniform`` ``U[-1, 1]`` (the authors' MNIST code). Taught in: book/softmoe_one_expert.
+    ``normalize``: ``"tokens"`` (the authors' code: normalized tokens feed the logits and the slots), ``"logits"``
+    (vmoe: for the logits only), ``"none"`` (Definition 1); ``phi_init``: ``normal`` ``N(0, 1/d)`` or ``uniform``
+    ``U[-1, 1]`` (the authors' MNIST code). Taught in: book/softmoe_one_expert.
     """
 
     def __init__(self, dim: int, num_experts: int, hidden: int, *, slots_per_expert: int = 1,
