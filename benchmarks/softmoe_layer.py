@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from momlp_lite.runtime import best_time, torch_threads  # noqa: E402
 from momlp_lite.runtime import get_device  # noqa: E402
 from momlp_lite.runtime import write_results  # noqa: E402
-from momlp_lite.softmoe.layer import ACTIVATIONS, SoftMoE  # noqa: E402
+from momlp_lite.softmoe.layer import SoftMoE  # noqa: E402
 
 TOKENS, DIM = 4, 196  # the MNIST layer: 4 patches of 14 × 14 pixels
 
@@ -34,7 +34,7 @@ def forward_expert_loop(layer: SoftMoE, x: torch.Tensor) -> torch.Tensor:
     """The same layer with a Python loop over experts, as many public implementations do (the baseline)."""
     tokens, dispatch, combine = layer.route(x)
     slots = dispatch.transpose(1, 2) @ tokens  # [B, n·p, d]
-    p, act = layer.slots_per_expert, ACTIVATIONS[layer.activation]
+    p, act = layer.slots_per_expert, torch.relu
     outs = []
     for j in range(layer.num_experts):
         h = slots[:, j * p : (j + 1) * p] @ layer.w1[j]

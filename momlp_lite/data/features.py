@@ -1,7 +1,4 @@
-"""Frozen image features (pixels, PCA, DINOv2), computed once and cached as checked safetensors files.
-
-Taught in: book/image_classification.
-"""
+"""Frozen image features (pixels, PCA, DINOv2), computed once and cached as checked safetensors files."""
 
 from __future__ import annotations
 
@@ -31,8 +28,6 @@ class ExtractorUnavailableError(RuntimeError):
 
 class PixelFeatures(nn.Module):
     """Pixels standardized by the training split's per-pixel mean and std. Taught in: book/image_classification."""
-
-    needs_fit = True
 
     def __init__(self, eps: float = 1e-3) -> None:
         super().__init__()
@@ -64,8 +59,6 @@ class PixelFeatures(nn.Module):
 
 class PCAFeatures(nn.Module):
     """Standardized pixels on the training split's top principal components. Taught in: book/image_classification."""
-
-    needs_fit = True
 
     def __init__(self, n_components: int = 32, whiten: bool = False) -> None:
         super().__init__()
@@ -112,11 +105,7 @@ def dinov2_files(model: str = "dinov2_vits14") -> tuple[Path, Path]:
 
 
 class DINOv2Features(nn.Module):
-    """A frozen DINOv2 backbone's class token (Oquab et al. 2023), offline from :func:`dinov2_files` if there.
-    Taught in: book/image_classification.
-    """
-
-    needs_fit = False
+    """A frozen DINOv2 backbone's class token (Oquab et al. 2023). Taught in: book/image_classification."""
 
     def __init__(self, model: str = "dinov2_vits14", image_size: int = 224,
                  device: torch.device | str | None = None) -> None:
@@ -172,7 +161,6 @@ class FeatureSet:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: list[str]
-    dataset: str
     extractor: str
     cached: bool  # True when both splits came from the cache
     seconds: float = 0.0
@@ -211,8 +199,8 @@ def compute_features(data: ImageData, extractor: nn.Module,
                      cache_dir: str | os.PathLike[str] | None | bool = None, batch_size: int = 256,
                      device: torch.device | str | None = None, progress: bool = True,
                      num_workers: int = 0) -> FeatureSet:
-    """Features of both splits of ``data``, read from the cache (default ``data_root() / "features"``; ``False``:
-    none) or computed on ``device`` and cached; bad or stale files are redone. Taught in: book/image_classification.
+    """Features of both splits, from the cache (default ``data_root() / "features"``; ``False``: none) or computed
+    and cached. Taught in: book/image_classification.
     """
     check_positive_int("batch_size", batch_size)
     dev = torch.device(device) if device is not None else get_device()
@@ -227,7 +215,7 @@ def compute_features(data: ImageData, extractor: nn.Module,
             todo.append((name, split, path, meta))
     start = time.perf_counter()
     if todo:
-        if extractor.needs_fit:
+        if hasattr(extractor, "fit"):  # fitted on the training split (pixels, PCA); DINOv2 is frozen
             extractor.fit(data.train, batch_size)
         extractor.to(dev)
     for name, split, path, meta in todo:
@@ -238,5 +226,5 @@ def compute_features(data: ImageData, extractor: nn.Module,
         if path is not None:
             save_expert_file(path, {"features": x, "labels": split.labels.cpu()}, meta)
     return FeatureSet(feats["train"], data.train.labels.cpu(), feats["test"], data.test.labels.cpu(),
-                      list(data.classes), data.tag, extractor.key, not todo,
+                      list(data.classes), extractor.key, not todo,
                       time.perf_counter() - start if todo else 0.0, sum(len(split) for _, split, _, _ in todo))

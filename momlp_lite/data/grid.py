@@ -1,7 +1,4 @@
-"""Data: the s^n vertices of the regular grid on [a, b]^n with a seeded 80/20 split, and Lipschitz targets.
-
-Taught in: book/momlp_grid_regression.
-"""
+"""The s^n vertices of the regular grid on [a, b]^n with a seeded 80/20 split, and Lipschitz targets."""
 
 from __future__ import annotations
 
@@ -84,11 +81,6 @@ class GridData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    target: Target
-    n: int
-    s: int
-    a: float
-    b: float
 
 
 def make_grid_data(target: str | Target, n: int, s: int, a: float = 0.0, b: float = 1.0,
@@ -104,7 +96,7 @@ def make_grid_data(target: str | Target, n: int, s: int, a: float = 0.0, b: floa
     if n_test < 1 or n_test >= len(x):
         raise ValueError(f"test_fraction={test_fraction} of {len(x)} points leaves an empty split; raise s")
     test, train = perm[:n_test], perm[n_test:]
-    return GridData(x[train], y[train], x[test], y[test], tgt, int(n), int(s), float(a), float(b))
+    return GridData(x[train], y[train], x[test], y[test])
 
 
 def leaf_moments(v: torch.Tensor, leaf: torch.Tensor, num_leaves: int) -> tuple[torch.Tensor, torch.Tensor]:

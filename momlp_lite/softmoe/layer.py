@@ -1,7 +1,4 @@
-"""Soft MoE (Puigcerver et al.) with batched experts, and best expert subset selection (Chung et al.).
-
-Taught in: book/softmoe_one_expert (the layer, the conventions), book/softmoe_best_subset (subsets).
-"""
+"""Soft MoE (Puigcerver et al.) with batched experts, and best expert subset selection (Chung et al.)."""
 
 from __future__ import annotations
 
@@ -19,7 +16,6 @@ __all__ = ["SoftMoE", "NORMALIZATIONS", "expert_subset", "softmoe_flops"]
 
 NORMALIZATIONS = ("tokens", "logits", "none")
 SUBSET_MODES = ("best", "random")
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 EPS = 1e-6  # added to every L2 norm, as in the authors' code
 
 
@@ -29,27 +25,24 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 
 
 class SoftMoE(nn.Module):
-    """Soft MoE on ``X [B, m, d]``: router ``Φ [d, n·p]``, ``n`` stacked experts ``d → h → d``, ``p`` slots each.
+    """Soft MoE on ``X [B, m, d]``: router ``Φ [d, n·p]``, ``n`` ReLU experts ``d → h → d``, ``p`` slots each.
 
-    ``normalize``: ``"tokens"`` (the authors' code, bwconrad: L2-normalized tokens feed the logits *and* the
-    slots), ``"logits"`` (vmoe: for the logits only, raw tokens into the slots), ``"none"`` (Definition 1:
-    logits ``XΦ``); the first two use ``Φ``'s L2-normalized columns times a trainable scale (init 1).
-    ``phi_init``: ``normal`` ``N(0, 1/d)`` (vmoe, bwconrad) or ``uniform`` ``U[-1, 1]`` (the authors' MNIST code).
-    Taught in: book/softmoe_one_expert.
+    ``normalize``: ``"tokens"`` (the authors' code: normalized tokens feed the logits and the slots), ``"logits"``
+    (vmoe: for the logits only), ``"none"`` (Definition 1); ``phi_init``: ``normal`` ``N(0, 1/d)`` or ``uniform``
+    ``U[-1, 1]`` (the authors' MNIST code). Taught in: book/softmoe_one_expert.
     """
 
     def __init__(self, dim: int, num_experts: int, hidden: int, *, slots_per_expert: int = 1,
-                 normalize: str = "logits", bias: bool = False, activation: str = "relu",
-                 phi_init: str = "normal", generator: torch.Generator | None = None) -> None:
+                 normalize: str = "logits", bias: bool = False, phi_init: str = "normal",
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         for name, value in dict(dim=dim, num_experts=num_experts, hidden=hidden,
                                 slots_per_expert=slots_per_expert).items():
             check_positive_int(name, value)
         _check_choice("normalize", normalize, NORMALIZATIONS)
-        _check_choice("activation", activation, tuple(ACTIVATIONS))
         _check_choice("phi_init", phi_init, ("normal", "uniform"))
         self.dim, self.num_experts, self.hidden, self.slots_per_expert = dim, num_experts, hidden, slots_per_expert
-        self.normalize, self.activation, self.phi_init = normalize, activation, phi_init
+        self.normalize, self.phi_init = normalize, phi_init
         self.phi = nn.Parameter(torch.empty(dim, num_experts * slots_per_expert))
         self.scale = nn.Parameter(torch.ones(())) if normalize != "none" else None
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -67,11 +60,6 @@ class SoftMoE(nn.Module):
                 w.uniform_(-bound, bound, generator=generator)
                 if b is not None:
                     b.uniform_(-bound, bound, generator=generator)
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, hidden={self.hidden}, "
-                f"slots_per_expert={self.slots_per_expert}, normalize={self.normalize!r}, "
-                f"bias={self.b1 is not None}, activation={self.activation!r}")
 
     @property
     def expert_parameter_count(self) -> int:
@@ -109,7 +97,7 @@ class SoftMoE(nn.Module):
         """Run ``experts`` (default all) on ``xs [E, rows, d]``, one ``bmm`` per layer."""
         w1, w2 = self.w1[experts], self.w2[experts]
         h = torch.bmm(xs, w1) if self.b1 is None else torch.baddbmm(self.b1[experts].unsqueeze(1), xs, w1)
-        h = ACTIVATIONS[self.activation](h)
+        h = F.relu(h)
         return torch.bmm(h, w2) if self.b2 is None else torch.baddbmm(self.b2[experts].unsqueeze(1), h, w2)
 
     def experts_forward(self, slots: torch.Tensor) -> torch.Tensor:
@@ -134,8 +122,8 @@ class SoftMoE(nn.Module):
 
     def select_experts(self, x: torch.Tensor, k: int, mode: str = "best", generator: torch.Generator | None = None,
                        combine: torch.Tensor | None = None) -> torch.Tensor:
-        """Indices ``[B, k]`` (ascending) of the kept experts: ``best``, the ``k`` of **largest** combine mass
-        (Algorithm 1), or ``random``, ``k`` uniformly without replacement, independently per input.
+        """Ascending indices ``[B, k]`` of the kept experts: ``best``, the ``k`` of **largest** combine mass
+        (Algorithm 1), or ``random``, ``k`` uniformly without replacement per input.
         """
         self._check_k(k)
         _check_choice("mode", mode, SUBSET_MODES)
@@ -180,7 +168,7 @@ class SoftMoE(nn.Module):
 def expert_subset(model: nn.Module, k: int | Sequence[int | None] | None, mode: str = "best",
                   generator: torch.Generator | None = None) -> Iterator[list[SoftMoE]]:
     """In the block, ``model``'s Soft MoE layers keep ``k`` experts per input (one ``k`` per layer or for all;
-    ``None``: all experts); yields the layers. Taught in: book/softmoe_best_subset.
+    ``None``: all); yields the layers. Taught in: book/softmoe_best_subset.
     """
     layers = [mod for mod in model.modules() if isinstance(mod, SoftMoE)]
     if not layers:

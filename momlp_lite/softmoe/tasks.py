@@ -76,17 +76,15 @@ def mnist_tokens(split: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SoftMoEClassifier(nn.Module):
-    """The authors' MNIST model: tokens → Soft MoE (``Φ ~ U[-1, 1]``, ``⌊784/n⌋`` hidden) → linear head.
+    """The authors' MNIST model: Soft MoE (``Φ ~ U[-1, 1]``, ``⌊784/n⌋`` hidden), then a bias-free linear head.
     Taught in: book/softmoe_best_subset.
     """
 
     def __init__(self, num_experts: int, *, tokens: int = 4, dim: int = 196, hidden: int | None = None,
-                 num_classes: int = 10, slots_per_expert: int = 1, normalize: str = "tokens",
-                 generator: torch.Generator | None = None) -> None:
+                 num_classes: int = 10, normalize: str = "tokens", generator: torch.Generator | None = None) -> None:
         super().__init__()
         hidden = max(1, (dim * 4) // num_experts) if hidden is None else hidden
-        self.moe = SoftMoE(dim, num_experts, hidden, slots_per_expert=slots_per_expert, normalize=normalize,
-                           phi_init="uniform", generator=generator)
+        self.moe = SoftMoE(dim, num_experts, hidden, normalize=normalize, phi_init="uniform", generator=generator)
         self.head = nn.Linear(tokens * dim, num_classes, bias=False)
         bound = 1.0 / math.sqrt(tokens * dim)
         with torch.no_grad():
@@ -96,9 +94,7 @@ class SoftMoEClassifier(nn.Module):
         return self.head(self.moe(x).flatten(1))
 
     def expert_logits(self, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-        """Each expert's share ``[B, n, classes]`` of the logits: a kept subset's logits are the sum of its rows
-        (the head is linear and bias-free, and Algorithm 1 does not renormalize ``C``).
-        """
+        """Each expert's share ``[B, n, classes]`` of the logits; a kept subset's logits are the sum of its rows."""
         moe, out = self.moe, []
         for start in range(0, len(x), chunk):
             tokens, dispatch, combine = moe.route(x[start : start + chunk])
@@ -113,9 +109,7 @@ class SoftMoEClassifier(nn.Module):
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch: int = 256,
                      lr: float = 1e-3, shuffle: bool = False, seed: int = 0, progress: bool = True,
                      desc: str = "training") -> list[float]:
-    """Adam + cross-entropy for ``epochs`` epochs, unshuffled by default (the authors' loader); the epoch losses.
-    The authors' extra epoch 0 takes no optimizer step, so it is not run. Taught in: book/softmoe_best_subset.
-    """
+    """Adam + cross-entropy, unshuffled by default (the authors' loader). Taught in: book/softmoe_best_subset."""
     check_positive_int("epochs", epochs)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
