@@ -44,7 +44,7 @@ def main() -> None:
             dense = StackedMLP.dense_with_budget(num * moe.parameters_per_expert, x.shape[1], 4, 10, batchnorm=True,
                                                  generator=gen).eval()
             stores = {"moe": ExpertStore.save(Path(tmp) / f"m{num}", moe, tree),
-                      "dense": ExpertStore.save(Path(tmp) / f"d{num}", dense)}
+                      "dense": ExpertStore.save(Path(tmp) / f"d{num}", dense, RoutingTree.single(dense.n_in))}
             del moe, dense
             row = {"experts": num, "params_per_expert": stores["moe"].parameters_per_expert}
             for way, serve in [("one_at_a_time", stores["moe"].predict), ("all_loaded", stores["moe"].predict_all_loaded),

@@ -134,7 +134,7 @@ def test_a_store_needs_one_expert_per_leaf(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ids 0..3 for this tree, got \[0, 1, 2\]"):
         ExpertStore.save(tmp_path / "s", StackedMLP(3, 2, 4, 1, 1), RoutingTree.regular(2, 1, 2))
     with pytest.raises(ValueError, match="JSON-serializable"):
-        write_manifest(tmp_path / "m", {"x": float("inf")})
+        write_manifest(tmp_path / "m", {"x": float("inf")}, RoutingTree.single(2))
 
 
 # ---------------------------------------------------------------------------- run config: 16 cases + 2 properties

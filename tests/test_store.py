@@ -205,10 +205,14 @@ def test_manifest_round_trip_rebuilds_the_tree(tmp_path: Path) -> None:
     assert back is not None and back.bounds == (-1.0, 2.0) and torch.equal(back.leaf_cells()[0], regular.leaf_cells()[0])
 
 
-def test_manifest_without_tree(tmp_path: Path) -> None:
-    write_manifest(tmp_path, {"a": 1})
+def test_a_manifest_always_names_its_tree(tmp_path: Path) -> None:
+    write_manifest(tmp_path, {"a": 1}, RoutingTree.single(3))
     doc, tree = read_manifest(tmp_path)
-    assert tree is None and doc["a"] == 1 and doc["format"] == "momlp-store"
+    assert tree.num_leaves == 1 and doc["a"] == 1 and doc["format"] == "momlp-store"
+    doc.pop("routing_tree")
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="names no routing tree"):
+        read_manifest(tmp_path)
 
 
 def test_manifest_errors(tmp_path: Path) -> None:
@@ -221,7 +225,7 @@ def test_manifest_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not a momlp-store manifest"):
         read_manifest(tmp_path)
     with pytest.raises(ValueError, match="JSON-serializable"):
-        write_manifest(tmp_path, {"x": float("nan")})
+        write_manifest(tmp_path, {"x": float("nan")}, _tree())
 
 
 def test_manifest_detects_a_swapped_or_corrupted_tree(tmp_path: Path) -> None:
@@ -326,14 +330,15 @@ def test_tensor_memory_meter_counts_live_tensors() -> None:
     del d
 
 
-def test_dense_store_without_tree(tmp_path: Path) -> None:
+def test_dense_store_is_one_expert_under_a_one_leaf_tree(tmp_path: Path) -> None:
     dense = _model(1, width=32)
-    st = ExpertStore.save(tmp_path / "dense", dense)
+    st = ExpertStore.save(tmp_path / "dense", dense, RoutingTree.single(3))
     x = torch.randn(50, 3)
     p = st.predict(x, device="cpu")
     assert p.experts_loaded == 1 and torch.allclose(p.outputs, dense(x.unsqueeze(0))[0], atol=1e-6)
-    with pytest.raises(ValueError, match="without a routing tree"):
-        ExpertStore.save(tmp_path / "bad", _model(2))
+    assert st.tree.num_leaves == 1 and st.num_experts == 1
+    with pytest.raises(ValueError, match=r"one expert per leaf: ids 0\.\.0 for this tree, got \[0, 1\]"):
+        ExpertStore.save(tmp_path / "bad", _model(2), RoutingTree.single(3))
 
 
 def test_corrupted_or_swapped_expert_files_are_refused(tmp_path: Path) -> None:

@@ -14,8 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..runtime import check_positive_int, get_device
-from ..store.checked import load_expert_file, save_expert_file
-from ..store.files import StoreError
+from ..store.files import StoreError, load_expert_file, save_expert_file
 from .images import ImageData, ImageSplit, data_root
 
 __all__ = ["ExtractorUnavailableError", "PixelFeatures", "PCAFeatures", "DINOv2Features", "dinov2_files",

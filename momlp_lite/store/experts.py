@@ -18,7 +18,6 @@ from ..moe.experts import StackedMLP
 from ..moe.routing import RoutingTree
 from ..runtime import get_device
 from . import files
-from .files import load_expert_file  # noqa: F401 - still imported from here by data/features
 from .files import (StoreError, expert_file_ok, other_live_writers, read_checked, remove_abandoned_temporaries,
                     save_expert_file, store_lock, tensor_checksum, writing)
 from .memory import measure_peak_memory
@@ -91,7 +90,7 @@ def _contained(folder: Path, name: Any, what: str) -> Path:
     return folder.joinpath(*parts)
 
 
-def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any], tree: RoutingTree | None = None,
+def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any], tree: RoutingTree,
                    holder_start: float | None = None, tree_meta: Mapping[str, str] | None = None) -> Path:
     """Commit under the store's lock: the tree file, ``manifest.json``, then remove abandoned temp files and, when
     no other writer is registered, files older than ``holder_start`` it does not name.
@@ -104,8 +103,7 @@ def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any
     except (TypeError, ValueError) as exc:
         raise ValueError(f"manifest must be JSON-serializable (finite numbers, str keys): {exc}") from None
     with store_lock(folder):
-        if tree is not None:
-            doc["routing_tree"] = save_tree(folder, tree, tree_meta)
+        doc["routing_tree"] = save_tree(folder, tree, tree_meta)
         named = [e["file"] for e in (doc["experts"].values() if isinstance(doc.get("experts"), dict) else [])
                  if isinstance(e, dict) and isinstance(e.get("file"), str)]
         gone = [f for f in named if not _contained(folder, f, "experts").is_file()]
@@ -135,8 +133,8 @@ def commit_experts(directory: str | os.PathLike[str], experts: StackedMLP, entri
     return write_manifest(directory, manifest, tree, holder_start, tree_meta)
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree | None]:
-    """``(manifest, tree or None)``, or a StoreError naming the bad entry. Taught in: book/serving_one_expert."""
+def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], RoutingTree]:
+    """``(manifest, tree)``, or a StoreError naming the bad entry. Taught in: book/serving_one_expert."""
     mpath = Path(directory) / MANIFEST_NAME
     if not mpath.is_file():
         raise StoreError(f"no {MANIFEST_NAME} in {str(mpath.parent)!r}: not an expert store (save one first)")
@@ -150,8 +148,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Ro
         raise StoreError(f"{str(mpath)!r} has store version {doc.get('version')!r}; "
                          f"this momlp_lite reads version {STORE_VERSION} (re-save the store)")
     info = doc.get("routing_tree")
-    if info is None:
-        return doc, None
+    if info is None:  # every save writes one, a one-leaf tree for a single expert
+        raise StoreError(f"manifest of {str(mpath.parent)!r} names no routing tree; re-save the store")
     if not isinstance(info, dict) or not all(k in info for k in ("file", "sha256", "levels", "num_leaves")):
         raise StoreError(f"manifest entry routing_tree of {str(mpath)!r} is incomplete: {info!r}")
     tree, _ = load_tree(_contained(mpath.parent, info["file"], "routing_tree"), info["sha256"])
@@ -202,8 +200,6 @@ class ExpertStore:
             per_expert = int(manifest["parameters_per_expert"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreError(f"{where} is not an expert store manifest: missing or bad {exc}") from None
-        if tree is None:  # every save writes one, a one-leaf tree for a single expert
-            raise StoreError(f"{where} names no routing tree; re-save the store")
         if sorted(entries) != list(range(tree.num_leaves)) or manifest.get("num_experts", len(entries)) != len(entries):
             raise StoreError(f"{where} lists experts {sorted(entries)[:10]} (num_experts "
                              f"{manifest.get('num_experts')!r}) for a tree with {tree.num_leaves} leaves; "
@@ -218,14 +214,10 @@ class ExpertStore:
         self._stamp = stamp
 
     @classmethod
-    def save(cls, directory: str | os.PathLike[str], experts: StackedMLP, tree: RoutingTree | None = None,
+    def save(cls, directory: str | os.PathLike[str], experts: StackedMLP, tree: RoutingTree,
              info: Mapping[str, Any] | None = None) -> "ExpertStore":
-        """Write every expert's file, then commit; ``tree=None`` for one expert (a one-leaf tree)."""
+        """Write every expert's file, then commit; a dense model is one expert under ``RoutingTree.single(n)``."""
         ids = [int(i) for i in experts.expert_ids.tolist()]
-        if tree is None:
-            if ids != [0]:
-                raise ValueError(f"a store without a routing tree holds exactly expert 0, got ids {ids[:10]}")
-            tree = RoutingTree.single(experts.n_in)
         if ids != list(range(tree.num_leaves)):
             raise ValueError(f"a store needs one expert per leaf: ids 0..{tree.num_leaves - 1} for this tree, "
                              f"got {ids[:10]}{'...' if len(ids) > 10 else ''}")
