@@ -14,7 +14,7 @@ from ..data.images import ImageSplit
 from ..runtime import check_positive_int
 from .layer import SoftMoE
 
-__all__ = ["norm_task_batch", "SoftMoERegressor", "train_norm_task", "MNIST_MEAN", "MNIST_STD", "mnist_tokens",
+__all__ = ["norm_task_batch", "SoftMoERegressor", "MNIST_MEAN", "MNIST_STD", "mnist_tokens",
            "SoftMoEClassifier", "train_classifier", "predict", "subset_masks", "oracle_correct"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -45,24 +45,6 @@ class SoftMoERegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.moe(x).sum(dim=(1, 2))
-
-
-def train_norm_task(num_experts: int, tokens: int, token_dim: int, *, epochs: int = 500, batch: int = 10_000,
-                    lr: float = 1e-3, variance: float = 5.0, normalize: str = "none", seed: int = 0,
-                    device: torch.device | str = "cpu", progress: bool = True) -> tuple[SoftMoERegressor, list[float]]:
-    """Train :class:`SoftMoERegressor` on ``‖X‖₂`` (Adam, MSE, new batches). Taught in: book/softmoe_one_expert."""
-    gen = torch.Generator().manual_seed(seed)
-    model = SoftMoERegressor(token_dim, num_experts, normalize=normalize, generator=gen).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses: list[float] = []
-    for _ in tqdm(range(epochs), desc=f"n={num_experts}, {tokens}×{token_dim}", disable=not progress, leave=False):
-        x, y = norm_task_batch(batch, tokens, token_dim, variance, gen)
-        loss = F.mse_loss(model(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, losses
 
 
 def mnist_tokens(split: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
