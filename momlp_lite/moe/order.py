@@ -1,5 +1,4 @@
-"""The data order of Algorithm 2, shared by the lockstep trainer and its serial reference: counter-based hashes, so
-an expert sees the same split and samples whichever experts train with it. Taught in: book/momlp_grid_regression."""
+"""Algorithm 2's data order, shared by both trainers (counter-based hashes). Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -70,11 +69,8 @@ def split_by_leaf(leaf: torch.Tensor, expert_ids: torch.Tensor, val_fraction: fl
 
 
 class LockstepSampler:
-    """Per-step sample positions for every expert: ``indices(step) -> [L, B]``, into each expert's own shard.
-
-    Expert ``j`` walks through a fresh permutation of its ``n[j]`` samples per epoch (``max(1, n[j] // B)``
-    batches), the argsort of hash keys of ``(seed, expert id, epoch, position)``. Taught in: book/momlp_grid_regression.
-    """
+    """Per-step positions ``[L, B]`` into each expert's shard: a fresh hashed permutation of its ``n[j]`` samples
+    per epoch of ``max(1, n[j] // B)`` batches. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, n: torch.Tensor, expert_ids: torch.Tensor, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", block_elements: int = 1 << 22) -> None:

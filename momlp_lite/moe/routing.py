@@ -44,11 +44,9 @@ def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
 
 
 class RoutingTree:
-    """A tree of prototype keys that routes each point to one leaf: child ``c`` of node ``i`` is node ``i * B + c``.
+    """Prototype keys that route each point to one leaf; child ``c`` of node ``i`` is node ``i * B + c``.
 
-    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`; ``keys[l]`` (``[B**l, B, n]``) holds
-    the child keys of the nodes of level ``l``. ``path_parameter_count``: key coordinates read to route one point.
-    Taught in: book/routing_trees.
+    ``keys[l]`` (``[B**l, B, n]``) holds the child keys of level ``l``. Taught in: book/routing_trees.
     """
 
     def __init__(self, keys: Sequence[torch.Tensor], kind: str = "custom", bounds: tuple[float, float] | None = None,
@@ -87,8 +85,7 @@ class RoutingTree:
     @classmethod
     def regular(cls, n: int, depth: int, branching: int | Sequence[int] = 2, a: float = 0.0,
                 b: float = 1.0) -> "RoutingTree":
-        """Regular tree over [a, b]^n: each level splits every box into ``branching`` (or per-axis) pieces per axis;
-        the keys are the sub-box centers, so a point goes to the leaf box that contains it."""
+        """Regular tree over [a, b]^n: each level cuts every box in ``branching`` pieces per axis, keys at centers."""
         n = check_positive_int("dimension n", n)
         depth = check_positive_int("depth", depth)
         per_axis = tuple(branching) if isinstance(branching, (list, tuple)) else (branching,) * n
@@ -108,8 +105,7 @@ class RoutingTree:
 
     @classmethod
     def from_data(cls, x: Any, depth: int, branching: int = 4, iters: int = 25, seed: int = 0) -> "RoutingTree":
-        """Data-driven tree by recursive k-means (Lloyd inside every node of a level at once); needs at least
-        ``branching**depth`` points, and a node with fewer distinct points gets repeated keys (empty leaves)."""
+        """Recursive k-means tree, Lloyd in every node of a level at once (a node short of points repeats keys)."""
         depth = check_positive_int("depth", depth)
         big_b = check_positive_int("branching", branching)
         if big_b < 2:

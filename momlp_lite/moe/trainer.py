@@ -35,11 +35,10 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train experts (defaults: Kratsios et al.'s regression setting, Adam 1e-4); ``batch_size`` is per expert.
+    """How to train experts (defaults: Kratsios et al.'s regression setting); ``batch_size`` is per expert.
 
-    ``max_epochs`` (of the largest shard) overrides ``max_steps``. An expert stops after ``patience`` evaluations
-    (every ``eval_every`` steps, default one epoch) without beating its best by ``min_delta``.
-    Taught in: book/momlp_grid_regression.
+    ``max_epochs`` (of the largest shard) overrides ``max_steps``; ``patience`` counts evaluations (every ``eval_every``
+    steps, default one epoch) without a ``min_delta`` gain. Taught in: book/momlp_grid_regression.
     """
 
     loss: str = "mse"
@@ -135,8 +134,10 @@ class LockstepStep:
         return losses.detach()
 
 
-def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None:
-    """Shapes, dtypes and finiteness of the training data, with errors that name the value and the fix."""
+def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
+                  expert_ids: Sequence[int] | torch.Tensor | None
+                  ) -> tuple[torch.Tensor, list[int], LeafSplit, int, int, torch.device]:
+    """Check the data and decide what to train (both trainers): ids, skipped ids, split, steps, eval_every, device."""
     for name, t in (("x", x), ("y", y), ("leaf", leaf)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}; use torch.as_tensor({name})")
@@ -150,7 +151,7 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
     if leaf.ndim != 1 or leaf.is_floating_point() or (leaf.numel() and int(leaf.min()) < 0):
         raise ValueError(f"leaf must be a 1-D integer tensor of expert ids >= 0, got {leaf.dtype} {tuple(leaf.shape)}"
                          f"{'' if not leaf.numel() or leaf.is_floating_point() else f' with min {int(leaf.min())}'}")
-    if loss == "cross_entropy":
+    if cfg.loss == "cross_entropy":
         if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError(f"cross_entropy needs integer class ids y of shape [N], got {y.dtype} {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= model.n_out):
@@ -168,13 +169,6 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
             row = int(bad.reshape(len(t), -1).any(1).nonzero()[0])
             raise ValueError(f"{name} holds {int(bad.sum())} non-finite values (first in row {row}: "
                              f"{t[row].tolist()}); drop or impute those rows before training")
-
-
-def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
-                  expert_ids: Sequence[int] | torch.Tensor | None
-                  ) -> tuple[torch.Tensor, list[int], LeafSplit, int, int, torch.device]:
-    """Check the data and decide what to train (both trainers): ids, skipped ids, split, steps, eval_every, device."""
-    _check_data(model, x, y, leaf, cfg.loss)
     leaf = leaf.long()
     ids = model.expert_ids.cpu() if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
     model.local_index(ids)  # raises for ids the model does not hold
@@ -228,11 +222,8 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
                   config: TrainConfig | None = None, expert_ids: Sequence[int] | torch.Tensor | None = None, *,
                   make_step: Callable[[StackedMLP, TrainConfig], Callable[..., torch.Tensor]] = LockstepStep
                   ) -> TrainResult:
-    """Algorithm 2 in lockstep: train every expert (or those of ``expert_ids``) on its leaf's rows, in place.
-
-    ``y``: ``[N, n_out]`` for mse, ``[N]`` class ids for cross_entropy; ``leaf [N]``: each row's expert id.
-    Experts end at their best evaluation. Taught in: book/momlp_grid_regression.
-    """
+    """Algorithm 2 in lockstep: train every expert (or those of ``expert_ids``) on its leaf's rows, in place; ``y`` is
+    ``[N, n_out]`` for mse, ``[N]`` class ids for cross_entropy. Taught in: book/momlp_grid_regression."""
     cfg = config or TrainConfig()
     ids, skipped, s, steps, every, dev = plan_training(model, x, y, leaf, cfg, expert_ids)
     L = len(ids)
