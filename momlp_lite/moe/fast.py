@@ -1,5 +1,4 @@
-"""The opt-in fast path of the lockstep trainer: fused Adam, bf16 autocast (fp32 master weights), ``torch.compile``,
-CUDA graphs; CUDA-only levers are ignored elsewhere. Taught in: book/momlp_grid_regression."""
+"""Opt-in GPU levers for the lockstep step (CUDA-only ones ignored elsewhere). Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -27,10 +26,8 @@ class FastOptions:
 
 
 class FastStep:
-    """``LockstepStep`` with the levers of ``options``; train with it by ``train_experts(..., make_step=lambda net,
-    cfg: FastStep(net, cfg, options))``. A CUDA graph records the whole step on the first call, after warm-up
-    steps whose effect is undone. Taught in: book/momlp_grid_regression.
-    """
+    """``LockstepStep`` with the levers of ``options``, for ``train_experts(make_step=...)``; a CUDA graph records the
+    whole step on the first call, after undone warm-up steps. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig, options: FastOptions = FastOptions(),
                  device: torch.device | str | None = None) -> None:
@@ -39,13 +36,10 @@ class FastStep:
         cuda = self.device.type == "cuda"
         self.use_graph = bool(options.cuda_graph) and cuda
         fused = cuda if options.fused is None else bool(options.fused)
-        kw: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
-        if self.use_graph:
-            kw["capturable"] = True
-        self.opt = make_optimizer(net.parameters(), cfg, **kw)
-        self._loss = self._eager_loss
-        if options.compile and cuda:
-            self._loss = torch.compile(self._eager_loss, mode=None if options.compile is True else str(options.compile))
+        kw = {"fused": True} if fused else {"foreach": True}
+        self.opt = make_optimizer(net.parameters(), cfg, capturable=self.use_graph, **kw)
+        mode = None if options.compile is True else str(options.compile)
+        self._loss = torch.compile(self._eager_loss, mode=mode) if options.compile and cuda else self._eager_loss
         self._graph: Any = None
 
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:

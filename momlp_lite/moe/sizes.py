@@ -22,9 +22,7 @@ def mlp_parameter_count(n_in: int, width: int, hidden_layers: int, n_out: int = 
 def dense_width_for_parameters(budget: int, n_in: int, hidden_layers: int, n_out: int = 1, prelu: bool = False,
                                batchnorm: bool = False) -> int:
     """Largest width (at least 1) whose MLP has at most ``budget`` parameters. Taught in: book/momlp_grid_regression."""
-    for name, v in (("budget", budget), ("n_in", n_in), ("hidden_layers", hidden_layers), ("n_out", n_out)):
-        check_positive_int(name, v)
-    # the count grows with the width: bisect for the number of widths 1, 2, ... that fit
-    fits = bisect.bisect_right(range(1, budget + 1), budget,
+    # the count grows with the width (mlp_parameter_count checks the sizes): bisect for how many widths 1, 2, ... fit
+    fits = bisect.bisect_right(range(1, check_positive_int("budget", budget) + 1), budget,
                                key=lambda w: mlp_parameter_count(n_in, w, hidden_layers, n_out, prelu, batchnorm))
     return max(1, fits)

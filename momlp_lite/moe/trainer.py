@@ -63,15 +63,15 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "patience", "eval_every"):
             if name in ("batch_size", "max_steps") or getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
-        for name, low, high, closed in (("lr", 0, math.inf, False), ("weight_decay", 0, math.inf, True),
-                                        ("max_epochs", 0, math.inf, False), ("val_fraction", 0, 1, True),
-                                        ("min_delta", 0, math.inf, True)):
+        inf = math.inf
+        for name, high, closed in (("lr", inf, False), ("weight_decay", inf, True), ("max_epochs", inf, False),
+                                   ("val_fraction", 1, True), ("min_delta", inf, True)):
             v = getattr(self, name)
             if v is None and name in ("weight_decay", "max_epochs"):
                 continue
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v < high
-            if not ok or not (v >= low if closed else v > low):
-                raise ValueError(f"{name} must be a finite number in {'[' if closed else '('}{low}, {high}), got {v!r}")
+            if not ok or not (v >= 0 if closed else v > 0):
+                raise ValueError(f"{name} must be a finite number in {'[' if closed else '('}0, {high}), got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -236,7 +236,6 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
     best_val, best_step = torch.full((L,), math.inf), torch.where(has_val, 0, -1)
     stop_step, bad = torch.full((L,), -1), torch.zeros(L, dtype=torch.long)
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    nan = torch.tensor(math.nan)
     hist: dict[str, list] = {"step": [], "train": [], "val": []}
     running, since, step = torch.zeros(L, device=dev), 0, 0
     t0 = time.perf_counter()
@@ -249,8 +248,8 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
                 if bool(broken.any()):
                     raise NonFiniteLossError(ids[broken].tolist(), step)
                 hist["step"].append(step)
-                hist["train"].append(train.where(active, nan))
-                hist["val"].append(val.where(active, nan))
+                hist["train"].append(train.where(active, math.nan))
+                hist["val"].append(val.where(active, math.nan))
                 better = active & has_val & (val < best_val - cfg.min_delta)    # keep the best
                 for k, v in net.state_dict().items():
                     best[k][better.to(v.device)] = v[better.to(v.device)]
