@@ -18,10 +18,7 @@ _ROUTED_BLOCK = 1 << 24  # upper bound on elements of one padded activation bloc
 
 class StackedMLP(nn.Module):
     """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out``; layer ``k`` is one ``[L, in, out]``.
-
-    ``prelu``: a PReLU slope per expert and layer, else ReLU. ``nn.Linear``'s initialization, from ``generator`` or
-    with ``seed`` from ``(seed, expert id)`` alone. Taught in: book/momlp_grid_regression.
-    """
+    With ``seed``, expert ``e`` is initialized from ``(seed, e)`` alone. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, num_experts: int, n_in: int, width: int, hidden_layers: int, n_out: int = 1, *,
                  prelu: bool = True, batchnorm: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
@@ -47,11 +44,10 @@ class StackedMLP(nn.Module):
 
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         shapes = list(zip(dims[:-1], dims[1:]))
-        # nn.Linear's initialization: uniform in +-1/sqrt(fan_in) for weights and biases
         init_device = generator.device if generator is not None else ("cpu" if seed is not None else device)
         ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
         bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
-        # one generator for the whole stack, or with seed one per expert (initialization only, not a hot path)
+        # nn.Linear's initialization, from one generator or with seed one per expert (not a hot path)
         gens = [(slice(None), generator)] if seed is None else [
             (j, torch.Generator().manual_seed(int(seed) * 1_000_003 + e)) for j, e in enumerate(ids.tolist())]
         with torch.no_grad():
@@ -83,10 +79,6 @@ class StackedMLP(nn.Module):
         """The shape of one expert: the keyword arguments that rebuild a stack like this one."""
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
-
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, {self.n_in} -> {self.width} x {self.hidden_layers} -> "
-                f"{self.n_out}, prelu={self.prelu}, batchnorm={self.batchnorm}")
 
     @classmethod
     def dense_with_budget(cls, budget: int, n_in: int, hidden_layers: int, n_out: int = 1,

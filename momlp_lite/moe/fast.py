@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +42,8 @@ class FastStep:
         self._graph: Any = None
 
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        autocast: Any = nullcontext()
-        if self.opts.bf16:  # without the weight-cast cache under CUDA graphs
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.bf16,
+                            cache_enabled=not self.use_graph):  # no weight-cast cache under CUDA graphs
             pred = self.net(xb)
         return per_expert_loss(pred, yb, self.cfg.loss)
 
@@ -77,9 +74,8 @@ class FastStep:
             for _ in range(3):
                 self._eager_step(self._x, self._y)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.no_grad():  # back to the state before warm-up: parameters, buffers, fresh optimizer
-            for k, v in self.net.state_dict().items():
-                v.copy_(saved[k])
+        self.net.load_state_dict(saved)  # back to the state before warm-up (in place): parameters, buffers
+        with torch.no_grad():  # and a fresh optimizer
             for state in self.opt.state.values():
                 for t in state.values():
                     if isinstance(t, torch.Tensor):

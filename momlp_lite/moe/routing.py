@@ -44,10 +44,8 @@ def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
 
 
 class RoutingTree:
-    """Prototype keys that route each point to one leaf; child ``c`` of node ``i`` is node ``i * B + c``.
-
-    ``keys[l]`` (``[B**l, B, n]``) holds the child keys of level ``l``. Taught in: book/routing_trees.
-    """
+    """Prototype keys that route points to leaves; ``keys[l] [B**l, B, n]``: the child keys of level ``l``'s nodes.
+    Child ``c`` of node ``i`` is node ``i * B + c``. Taught in: book/routing_trees."""
 
     def __init__(self, keys: Sequence[torch.Tensor], kind: str = "custom", bounds: tuple[float, float] | None = None,
                  axis_branching: tuple[int, ...] | None = None, n: int | None = None) -> None:
@@ -233,10 +231,8 @@ def _boxes(per_axis: tuple[int, ...], a: float, b: float, depth: int) -> list[tu
 def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor,
              exact: torch.Tensor | None = None) -> torch.Tensor:
     """Index ``[N]`` of the nearest child key of each point's node: ``x [N, n]``, ``keys [nodes, B, n]``, ``node [N]``.
-
-    float32 distances first; near ties are decided again in float64 (from ``exact``) with the differences
-    ``d_j - d_b = (k_j - k_b)·(k_j + k_b - 2x)``, exact 0 on coordinates where the keys agree, however far ``x`` is.
-    """
+    float32 distances; near ties decided again in float64 (from ``exact``) by ``d_j - d_b = (k_j - k_b)·(k_j + k_b -
+    2x)``, exact 0 on coordinates where the keys agree, however far ``x`` is."""
     d = keys[node].sub_(x[:, None, :]).square_().sum(-1)
     best = d.argmin(1)
     if keys.shape[1] < 2 or len(x) == 0:

@@ -24,8 +24,7 @@ _EVAL_CHUNK = 256  # validation rows per expert per forward: fixed, so no expert
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An expert's training or validation loss became NaN or infinite; ``experts`` lists their ids.
-    Taught in: book/momlp_grid_regression."""
+    """An expert's loss became NaN or infinite; ``experts`` lists their ids. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, experts: list[int], step: int) -> None:
         self.experts, self.step = [int(e) for e in experts], int(step)
@@ -35,11 +34,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train experts (defaults: Kratsios et al.'s regression setting); ``batch_size`` is per expert.
-
-    ``max_epochs`` (of the largest shard) overrides ``max_steps``; ``patience`` counts evaluations (every ``eval_every``
-    steps, default one epoch) without a ``min_delta`` gain. Taught in: book/momlp_grid_regression.
-    """
+    """How to train experts (defaults: Kratsios et al.'s regression setting); ``batch_size`` is per expert, and
+    ``max_epochs`` (of the largest shard) overrides ``max_steps``. Taught in: book/momlp_grid_regression."""
 
     loss: str = "mse"
     optimizer: str = "adam"
@@ -105,8 +101,7 @@ def _row_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Te
 
 
 def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean loss of each expert: ``pred [L, B, out]``, target ``[L, B, out]`` (or ``[L, B]`` ids) -> ``[L]``.
-    Taught in: book/momlp_grid_regression."""
+    """Mean loss of each expert: ``[L, B, out]`` -> ``[L]``. Taught in: book/momlp_grid_regression."""
     if loss == "mse":  # one mean over all B * out elements
         return (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
     return _row_losses(pred, target, loss).mean(1)
@@ -123,7 +118,6 @@ class LockstepStep:
     Adam step; ``step(xb [L, B, in], yb) -> losses [L]``. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig) -> None:
-        # foreach: one kernel per op over all parameter tensors (the same update as the default loop)
         self.net, self.loss, self.opt = net, cfg.loss, make_optimizer(net.parameters(), cfg, foreach=True)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -196,11 +190,8 @@ def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig
 def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows grouped by expert (``counts[j]`` each) as ``[L, V, ...]``, zero padded to a multiple of the chunk."""
     width = max(1, math.ceil(int(counts.max()) / _EVAL_CHUNK)) * _EVAL_CHUNK
-    local = torch.repeat_interleave(torch.arange(len(counts)), counts).to(t.device)
-    pos = torch.arange(len(t), device=t.device) - (torch.cumsum(counts, 0) - counts).to(t.device)[local]
-    out = t.new_zeros(len(counts), width, *t.shape[1:])
-    out[local, pos] = t
-    return out
+    groups = [*t.split(counts.tolist()), t.new_zeros(width, *t.shape[1:])]  # the last one sets the width
+    return torch.nn.utils.rnn.pad_sequence(groups, batch_first=True)[:-1]
 
 
 def _validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
