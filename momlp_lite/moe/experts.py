@@ -247,13 +247,12 @@ class StackedMLP(nn.Module):
 
     def expert_module(self, expert_id: int) -> nn.Sequential:
         """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies)."""
-        dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         mods: list[nn.Module] = []
-        for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            mods.append(nn.Linear(a, b))
+        for k, w in enumerate(self.weights):
+            mods.append(nn.Linear(w.shape[1], w.shape[2]))
             if k < self.hidden_layers:
                 if self.batchnorm:
-                    mods.append(nn.BatchNorm1d(b, eps=self.bn_eps, momentum=self.bn_momentum))
+                    mods.append(nn.BatchNorm1d(self.width, eps=self.bn_eps, momentum=self.bn_momentum))
                 mods.append(nn.PReLU() if self.prelu else nn.ReLU())
         seq = nn.Sequential(*mods).to(self.weights[0].device, self.weights[0].dtype)
         with torch.no_grad():

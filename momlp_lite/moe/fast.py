@@ -15,8 +15,7 @@ __all__ = ["FastOptions", "FastStep"]
 
 @dataclass(frozen=True)
 class FastOptions:
-    """GPU levers: ``bf16`` autocast; ``fused`` Adam (``None``: on CUDA only); ``compile`` (``True`` or a
-    mode string, CUDA only); ``cuda_graph`` (CUDA only). Taught in: book/momlp_grid_regression."""
+    """GPU levers (``fused=None``: on CUDA; ``compile``: True or a mode). Taught in: book/momlp_grid_regression."""
 
     bf16: bool = False
     fused: bool | None = None

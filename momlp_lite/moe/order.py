@@ -29,8 +29,7 @@ def _hash(*parts: torch.Tensor | int) -> torch.Tensor:
 
 @dataclass
 class LeafSplit:
-    """Rows grouped by expert: ``n_train[j]`` of ``train_rows`` and ``n_val[j]`` of ``val_rows`` belong to
-    ``expert_ids[j]``, in that order. Taught in: book/momlp_grid_regression."""
+    """Rows grouped by expert (``n_train[j]``, ``n_val[j]`` rows each). Taught in: book/momlp_grid_regression."""
 
     expert_ids: torch.Tensor
     train_rows: torch.Tensor
@@ -38,14 +37,9 @@ class LeafSplit:
     n_train: torch.Tensor
     n_val: torch.Tensor
 
-    @property
-    def train_offsets(self) -> torch.Tensor:
-        return torch.cumsum(self.n_train, 0) - self.n_train
-
     def rows_of(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training and validation rows of the ``j``-th expert."""
-        t0, v0 = int(self.train_offsets[j]), int((torch.cumsum(self.n_val, 0) - self.n_val)[j])
-        return self.train_rows[t0 : t0 + int(self.n_train[j])], self.val_rows[v0 : v0 + int(self.n_val[j])]
+        return self.train_rows.split(self.n_train.tolist())[j], self.val_rows.split(self.n_val.tolist())[j]
 
 
 def split_by_leaf(leaf: torch.Tensor, expert_ids: torch.Tensor, val_fraction: float, seed: int) -> LeafSplit:

@@ -59,10 +59,9 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "patience", "eval_every"):
             if name in ("batch_size", "max_steps") or getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
-        inf = math.inf
-        for name, high, closed in (("lr", inf, False), ("weight_decay", inf, True), ("max_epochs", inf, False),
-                                   ("val_fraction", 1, True), ("min_delta", inf, True)):
-            v = getattr(self, name)
+        for name, closed in (("lr", False), ("weight_decay", True), ("max_epochs", False), ("val_fraction", True),
+                             ("min_delta", True)):
+            v, high = getattr(self, name), 1 if name == "val_fraction" else math.inf
             if v is None and name in ("weight_decay", "max_epochs"):
                 continue
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v < high
@@ -220,7 +219,7 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
     L = len(ids)
     net = model.subset(ids).to(dev)
     step_fn = make_step(net, cfg)
-    x_tr, y_tr, offsets = x[s.train_rows].to(dev), y[s.train_rows].to(dev), s.train_offsets.to(dev)
+    x_tr, y_tr, offsets = x[s.train_rows].to(dev), y[s.train_rows].to(dev), (s.n_train.cumsum(0) - s.n_train).to(dev)
     x_va, y_va = _padded(x[s.val_rows].to(dev), s.n_val), _padded(y[s.val_rows].to(dev), s.n_val)
     sampler = LockstepSampler(s.n_train, ids, cfg.batch_size, cfg.seed, dev)
     has_val, active = s.n_val > 0, torch.ones(L, dtype=torch.bool)
