@@ -34,8 +34,7 @@ class FastStep:
         cuda = self.device.type == "cuda"
         self.use_graph = bool(options.cuda_graph) and cuda
         fused = cuda if options.fused is None else bool(options.fused)
-        kw = {"fused": True} if fused else {"foreach": True}
-        self.opt = make_optimizer(net.parameters(), cfg, capturable=self.use_graph, **kw)
+        self.opt = make_optimizer(net.parameters(), cfg, fused=fused, foreach=not fused, capturable=self.use_graph)
         mode = None if options.compile is True else str(options.compile)
         self._loss = torch.compile(self._eager_loss, mode=mode) if options.compile and cuda else self._eager_loss
         self._graph: Any = None

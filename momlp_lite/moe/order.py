@@ -39,7 +39,8 @@ class LeafSplit:
 
     def rows_of(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training and validation rows of the ``j``-th expert."""
-        return self.train_rows.split(self.n_train.tolist())[j], self.val_rows.split(self.n_val.tolist())[j]
+        t0, v0 = int(self.n_train[:j].sum()), int(self.n_val[:j].sum())
+        return self.train_rows[t0 : t0 + int(self.n_train[j])], self.val_rows[v0 : v0 + int(self.n_val[j])]
 
 
 def split_by_leaf(leaf: torch.Tensor, expert_ids: torch.Tensor, val_fraction: float, seed: int) -> LeafSplit:
