@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +18,7 @@ _ROUTED_BLOCK = 1 << 24  # upper bound on elements of one padded activation bloc
 
 class StackedMLP(nn.Module):
     """``L`` independent MLP experts ``n_in -> width (x hidden_layers) -> n_out``; layer ``k`` is one ``[L, in, out]``.
-
-    ``prelu``: a learnable PReLU slope per expert and layer, else ReLU; ``batchnorm``: a BatchNorm1d per expert.
-    Initialization is ``nn.Linear``'s, from ``generator``, or with ``seed`` from ``(seed, expert id)`` alone.
-    Taught in: book/momlp_grid_regression.
-    """
+    With ``seed``, expert ``e`` is initialized from ``(seed, e)`` alone. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, num_experts: int, n_in: int, width: int, hidden_layers: int, n_out: int = 1, *,
                  prelu: bool = True, batchnorm: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
@@ -48,11 +44,10 @@ class StackedMLP(nn.Module):
 
         dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         shapes = list(zip(dims[:-1], dims[1:]))
-        # nn.Linear's initialization: uniform in +-1/sqrt(fan_in) for weights and biases
         init_device = generator.device if generator is not None else ("cpu" if seed is not None else device)
         ws = [torch.empty(L, i, o, device=init_device, dtype=factory["dtype"]) for i, o in shapes]
         bs = [torch.empty(L, o, device=init_device, dtype=factory["dtype"]) for _, o in shapes]
-        # one generator for the whole stack, or with seed one per expert (initialization only, not a hot path)
+        # nn.Linear's initialization, from one generator or with seed one per expert (not a hot path)
         gens = [(slice(None), generator)] if seed is None else [
             (j, torch.Generator().manual_seed(int(seed) * 1_000_003 + e)) for j, e in enumerate(ids.tolist())]
         with torch.no_grad():
@@ -85,10 +80,6 @@ class StackedMLP(nn.Module):
         return {k: getattr(self, k) for k in ("n_in", "width", "hidden_layers", "n_out", "prelu", "batchnorm",
                                               "bn_eps", "bn_momentum")}
 
-    def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, {self.n_in} -> {self.width} x {self.hidden_layers} -> "
-                f"{self.n_out}, prelu={self.prelu}, batchnorm={self.batchnorm}")
-
     @classmethod
     def dense_with_budget(cls, budget: int, n_in: int, hidden_layers: int, n_out: int = 1,
                           **kwargs: Any) -> "StackedMLP":
@@ -97,38 +88,24 @@ class StackedMLP(nn.Module):
                                            batchnorm=kwargs.get("batchnorm", False))
         return cls(1, n_in, width, hidden_layers, n_out, **kwargs)
 
-    def _layer_tensors(self, idx: torch.Tensor | None) -> list[dict[str, torch.Tensor]]:
-        """Per-layer tensors, restricted to the experts ``idx`` (local rows) when given."""
+    def _run(self, h: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``h [L', B, in]`` through every expert, or through the experts of the local rows ``idx``."""
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t if idx is None else t.index_select(0, idx)
-        layers = []
         for k in range(len(self.weights)):
-            entry = {"w": pick(self.weights[k]), "b": pick(self.biases[k])}
-            if k < self.hidden_layers:
-                if self.prelu:
-                    entry["slope"] = pick(self.slopes[:, k])
-                if self.batchnorm:
-                    entry.update(gamma=pick(self.bn_weight[k]), beta=pick(self.bn_bias[k]),
-                                 mean=pick(getattr(self, f"running_mean_{k}")),
-                                 var=pick(getattr(self, f"running_var_{k}")))
-            layers.append(entry)
-        return layers
-
-    def _run(self, h: torch.Tensor, layers: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Run ``h [L', B, in]`` through the given layer tensors."""
-        for k, p in enumerate(layers):
-            h = torch.baddbmm(p["b"].unsqueeze(1), h, p["w"])
-            if k == len(layers) - 1:
+            h = torch.baddbmm(pick(self.biases[k]).unsqueeze(1), h, pick(self.weights[k]))
+            if k == self.hidden_layers:
                 break
             if self.batchnorm:
-                h = self._batchnorm(h, k, p)
+                h = self._batchnorm(h, k, pick)
             # PReLU: one fused kernel each way, with the experts as F.prelu's channel dimension
-            h = F.prelu(h.unsqueeze(0), p["slope"].to(h.dtype)).squeeze(0) if self.prelu else torch.relu(h)
+            h = F.prelu(h.unsqueeze(0), pick(self.slopes[:, k]).to(h.dtype)).squeeze(0) if self.prelu else torch.relu(h)
         return h
 
-    def _batchnorm(self, h: torch.Tensor, k: int, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _batchnorm(self, h: torch.Tensor, k: int, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Per-expert BatchNorm1d over the ``B`` samples of each expert (dim 1); training mode updates the stats."""
+        rm, rv = getattr(self, f"running_mean_{k}"), getattr(self, f"running_var_{k}")
         if self.training:
             batch = h.shape[1]
             if batch < 2:
@@ -136,18 +113,17 @@ class StackedMLP(nn.Module):
                                  "raise the batch size or call .eval()")
             var, mean = torch.var_mean(h.float(), dim=1, correction=0)
             with torch.no_grad():
-                m, rm, rv = self.bn_momentum, getattr(self, f"running_mean_{k}"), getattr(self, f"running_var_{k}")
+                m = self.bn_momentum
                 rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
                 rv.mul_(1 - m).add_((var * (batch / (batch - 1))).to(rv.dtype), alpha=m)
             mean, var = mean.to(h.dtype), var.to(h.dtype)
         else:
-            mean, var = p["mean"].to(h.dtype), p["var"].to(h.dtype)
-        scale = p["gamma"].to(h.dtype) * torch.rsqrt(var + self.bn_eps)
-        return (h - mean[:, None, :]) * scale[:, None, :] + p["beta"].to(h.dtype)[:, None, :]
+            mean, var = pick(rm).to(h.dtype), pick(rv).to(h.dtype)
+        scale = pick(self.bn_weight[k]).to(h.dtype) * torch.rsqrt(var + self.bn_eps)
+        return (h - mean[:, None, :]) * scale[:, None, :] + pick(self.bn_bias[k]).to(h.dtype)[:, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Lockstep forward (training): ``x [L, B, n_in] -> [L, B, n_out]``, ``x[l]`` (or all ``x [B, n_in]``) through
-        expert ``l``."""
+        """Lockstep forward: ``x [L, B, n_in]`` (or one ``[B, n_in]`` for all) -> ``[L, B, n_out]``."""
         L = self.num_experts
         self._check_dtype(x)
         if x.ndim == 2:
@@ -157,7 +133,7 @@ class StackedMLP(nn.Module):
                              f"{tuple(x.shape)}; for one leaf id per row use forward_routed")
         if self.batchnorm and self.training:
             self.num_batches_tracked.add_(1)
-        return self._run(x, self._layer_tensors(None))
+        return self._run(x)
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -182,11 +158,8 @@ class StackedMLP(nn.Module):
         return local
 
     def forward_routed(self, x: torch.Tensor, leaf: torch.Tensor, max_block: int = _ROUTED_BLOCK) -> torch.Tensor:
-        """Routed forward (inference): row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]``, a global id.
-
-        Returns ``[N, n_out]`` in input order. Rows are grouped by leaf (one sort), padded to ``[L', rows, n_in]``
-        and run in blocks of at most ``max_block`` activation elements. Training-mode BatchNorm is refused.
-        """
+        """Routed forward (inference): row ``i`` of ``x [N, n_in]`` through expert ``leaf[i]`` (a global id), grouped by
+        leaf (one sort) and padded to ``[L', rows, n_in]`` blocks of at most ``max_block`` elements."""
         if x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"forward_routed expects x of shape [N, {self.n_in}], got {tuple(x.shape)}")
         self._check_dtype(x)
@@ -203,10 +176,9 @@ class StackedMLP(nn.Module):
         present, group, counts = torch.unique_consecutive(local[order], return_inverse=True, return_counts=True)
         pos = torch.arange(len(order), device=x.device) - (torch.cumsum(counts, 0) - counts)[group]
         # few experts hit: gather just their weights; most hit: run all (a weight copy would cost more)
-        compact = 2 * len(present) <= self.num_experts
-        layers = self._layer_tensors(present if compact else None)
-        rows = len(present) if compact else self.num_experts
-        if not compact:
+        idx = present if 2 * len(present) <= self.num_experts else None
+        rows = self.num_experts if idx is None else len(present)
+        if idx is None:
             group = local[order]
         max_count = int(counts.max())
         chunk = max(1, min(max_count, max_block // max(1, rows * max(self.n_in, self.width, self.n_out))))
@@ -214,7 +186,7 @@ class StackedMLP(nn.Module):
             sel = (pos >= lo) & (pos < lo + chunk)
             padded = x.new_zeros(rows, min(chunk, max_count - lo), self.n_in)
             padded[group[sel], pos[sel] - lo] = x[order[sel]]
-            y = self._run(padded, layers)  # never training-mode BatchNorm (refused above)
+            y = self._run(padded, idx)  # never training-mode BatchNorm (refused above)
             out[order[sel]] = y[group[sel], pos[sel] - lo].to(out.dtype)
         return out
 
@@ -262,33 +234,25 @@ class StackedMLP(nn.Module):
         return self
 
     def _pairs(self, module: nn.Sequential, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(view of this stack's row, the same tensor of an expert_module)`` for every parameter and buffer."""
-        st, layers, pairs = self.state_dict(), iter(module), []  # state_dict tensors share the storage
+        """``(view of this stack's row, the same tensor of an expert_module)``, in the module's state_dict order."""
+        st, mine = self.state_dict(), []  # state_dict tensors share the storage
         for k in range(len(self.weights)):
-            linear = next(layers)
-            pairs += [(st[f"weights.{k}"][row].T, linear.weight), (st[f"biases.{k}"][row], linear.bias)]
-            if k == self.hidden_layers:
-                return pairs
-            if self.batchnorm:
-                bn = next(layers)
-                pairs += [(st[f"bn_weight.{k}"][row], bn.weight), (st[f"bn_bias.{k}"][row], bn.bias),
-                          (st[f"running_mean_{k}"][row], bn.running_mean),
-                          (st[f"running_var_{k}"][row], bn.running_var),
-                          (st["num_batches_tracked"][row], bn.num_batches_tracked)]
-            activation = next(layers)
-            if self.prelu:
-                pairs.append((st["slopes"][row, k : k + 1], activation.weight))
-        return pairs
+            mine += [st[f"weights.{k}"][row].T, st[f"biases.{k}"][row]]
+            if k < self.hidden_layers and self.batchnorm:
+                mine += [st[f"{name}{k}"][row] for name in ("bn_weight.", "bn_bias.", "running_mean_", "running_var_")]
+                mine.append(st["num_batches_tracked"][row])
+            if k < self.hidden_layers and self.prelu:
+                mine.append(st["slopes"][row, k : k + 1])
+        return list(zip(mine, module.state_dict().values()))
 
     def expert_module(self, expert_id: int) -> nn.Sequential:
         """Expert ``expert_id`` (global id) as a plain ``nn.Sequential`` of Linear/BatchNorm1d/PReLU (copies)."""
-        dims = [self.n_in] + [self.width] * self.hidden_layers + [self.n_out]
         mods: list[nn.Module] = []
-        for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            mods.append(nn.Linear(a, b))
+        for k, w in enumerate(self.weights):
+            mods.append(nn.Linear(w.shape[1], w.shape[2]))
             if k < self.hidden_layers:
                 if self.batchnorm:
-                    mods.append(nn.BatchNorm1d(b, eps=self.bn_eps, momentum=self.bn_momentum))
+                    mods.append(nn.BatchNorm1d(self.width, eps=self.bn_eps, momentum=self.bn_momentum))
                 mods.append(nn.PReLU() if self.prelu else nn.ReLU())
         seq = nn.Sequential(*mods).to(self.weights[0].device, self.weights[0].dtype)
         with torch.no_grad():

@@ -1,9 +1,7 @@
-"""The opt-in fast path of the lockstep trainer: fused Adam, bf16 autocast (fp32 master weights), ``torch.compile``,
-CUDA graphs; CUDA-only levers are ignored elsewhere. Taught in: book/momlp_grid_regression."""
+"""Opt-in GPU levers for the lockstep step (CUDA-only ones ignored elsewhere). Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +15,7 @@ __all__ = ["FastOptions", "FastStep"]
 
 @dataclass(frozen=True)
 class FastOptions:
-    """GPU levers: ``bf16`` autocast; ``fused`` Adam (``None``: on CUDA only); ``compile`` (``True`` or a
-    mode string, CUDA only); ``cuda_graph`` (CUDA only). Taught in: book/momlp_grid_regression."""
+    """GPU levers (``fused=None``: on CUDA; ``compile``: True or a mode). Taught in: book/momlp_grid_regression."""
 
     bf16: bool = False
     fused: bool | None = None
@@ -27,10 +24,8 @@ class FastOptions:
 
 
 class FastStep:
-    """``LockstepStep`` with the levers of ``options``; train with it by ``train_experts(..., make_step=lambda net,
-    cfg: FastStep(net, cfg, options))``. A CUDA graph records the whole step on the first call, after warm-up
-    steps whose effect is undone. Taught in: book/momlp_grid_regression.
-    """
+    """``LockstepStep`` with the levers of ``options``, for ``train_experts(make_step=...)``; a CUDA graph records the
+    whole step on the first call, after undone warm-up steps. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig, options: FastOptions = FastOptions(),
                  device: torch.device | str | None = None) -> None:
@@ -39,20 +34,14 @@ class FastStep:
         cuda = self.device.type == "cuda"
         self.use_graph = bool(options.cuda_graph) and cuda
         fused = cuda if options.fused is None else bool(options.fused)
-        kw: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
-        if self.use_graph:
-            kw["capturable"] = True
-        self.opt = make_optimizer(net.parameters(), cfg, **kw)
-        self._loss = self._eager_loss
-        if options.compile and cuda:
-            self._loss = torch.compile(self._eager_loss, mode=None if options.compile is True else str(options.compile))
+        self.opt = make_optimizer(net.parameters(), cfg, fused=fused, foreach=not fused, capturable=self.use_graph)
+        mode = None if options.compile is True else str(options.compile)
+        self._loss = torch.compile(self._eager_loss, mode=mode) if options.compile and cuda else self._eager_loss
         self._graph: Any = None
 
     def _eager_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        autocast: Any = nullcontext()
-        if self.opts.bf16:  # without the weight-cast cache under CUDA graphs
-            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.use_graph)
-        with autocast:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.bf16,
+                            cache_enabled=not self.use_graph):  # no weight-cast cache under CUDA graphs
             pred = self.net(xb)
         return per_expert_loss(pred, yb, self.cfg.loss)
 
@@ -83,9 +72,8 @@ class FastStep:
             for _ in range(3):
                 self._eager_step(self._x, self._y)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.no_grad():  # back to the state before warm-up: parameters, buffers, fresh optimizer
-            for k, v in self.net.state_dict().items():
-                v.copy_(saved[k])
+        self.net.load_state_dict(saved)  # back to the state before warm-up (in place): parameters, buffers
+        with torch.no_grad():  # and a fresh optimizer
             for state in self.opt.state.values():
                 for t in state.values():
                     if isinstance(t, torch.Tensor):

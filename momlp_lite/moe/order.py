@@ -1,5 +1,4 @@
-"""The data order of Algorithm 2, shared by the lockstep trainer and its serial reference: counter-based hashes, so
-an expert sees the same split and samples whichever experts train with it. Taught in: book/momlp_grid_regression."""
+"""Algorithm 2's data order, shared by both trainers (counter-based hashes). Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ def _hash(*parts: torch.Tensor | int) -> torch.Tensor:
 
 @dataclass
 class LeafSplit:
-    """Rows grouped by expert: ``n_train[j]`` of ``train_rows`` and ``n_val[j]`` of ``val_rows`` belong to
-    ``expert_ids[j]``, in that order. Taught in: book/momlp_grid_regression."""
+    """Rows grouped by expert (``n_train[j]``, ``n_val[j]`` rows each). Taught in: book/momlp_grid_regression."""
 
     expert_ids: torch.Tensor
     train_rows: torch.Tensor
@@ -39,13 +37,9 @@ class LeafSplit:
     n_train: torch.Tensor
     n_val: torch.Tensor
 
-    @property
-    def train_offsets(self) -> torch.Tensor:
-        return torch.cumsum(self.n_train, 0) - self.n_train
-
     def rows_of(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training and validation rows of the ``j``-th expert."""
-        t0, v0 = int(self.train_offsets[j]), int((torch.cumsum(self.n_val, 0) - self.n_val)[j])
+        t0, v0 = int(self.n_train[:j].sum()), int(self.n_val[:j].sum())
         return self.train_rows[t0 : t0 + int(self.n_train[j])], self.val_rows[v0 : v0 + int(self.n_val[j])]
 
 
@@ -70,11 +64,8 @@ def split_by_leaf(leaf: torch.Tensor, expert_ids: torch.Tensor, val_fraction: fl
 
 
 class LockstepSampler:
-    """Per-step sample positions for every expert: ``indices(step) -> [L, B]``, into each expert's own shard.
-
-    Expert ``j`` walks through a fresh permutation of its ``n[j]`` samples per epoch (``max(1, n[j] // B)``
-    batches), the argsort of hash keys of ``(seed, expert id, epoch, position)``. Taught in: book/momlp_grid_regression.
-    """
+    """Per-step positions ``[L, B]`` into each expert's shard: a fresh hashed permutation of its ``n[j]`` samples
+    per epoch of ``max(1, n[j] // B)`` batches. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, n: torch.Tensor, expert_ids: torch.Tensor, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", block_elements: int = 1 << 22) -> None:

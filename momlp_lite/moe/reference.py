@@ -1,5 +1,4 @@
-"""The plain reference for Algorithm 2, sharing only the data order (and the checks) with the lockstep trainer, so
-"lockstep == serial" tests the lockstep loop itself. Slow by design. Taught in: book/momlp_grid_regression."""
+"""Plain serial Algorithm 2, sharing only the data order and checks. Taught in: book/momlp_grid_regression."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ __all__ = ["train_experts_serial"]
 def train_experts_serial(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor,
                          config: TrainConfig | None = None,
                          expert_ids: Sequence[int] | torch.Tensor | None = None) -> TrainResult:
-    """Train each expert alone with its own ``torch.optim.Adam``/``AdamW``; same arguments as ``train_experts``.
-    Taught in: book/momlp_grid_regression."""
+    """Each expert alone, with its own Adam; arguments as ``train_experts``. Taught in: book/momlp_grid_regression."""
     cfg = config or TrainConfig()
     ids, skipped, s, steps, every, dev = plan_training(model, x, y, leaf, cfg, expert_ids)
     crit = F.mse_loss if cfg.loss == "mse" else F.cross_entropy

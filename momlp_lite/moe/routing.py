@@ -44,12 +44,8 @@ def _as_points(x: Any, n: int | None = None, what: str = "x") -> torch.Tensor:
 
 
 class RoutingTree:
-    """A tree of prototype keys that routes each point to one leaf: child ``c`` of node ``i`` is node ``i * B + c``.
-
-    Build one with :meth:`regular`, :meth:`from_data` or :meth:`single`; ``keys[l]`` (``[B**l, B, n]``) holds
-    the child keys of the nodes of level ``l``. ``path_parameter_count``: key coordinates read to route one point.
-    Taught in: book/routing_trees.
-    """
+    """Prototype keys that route points to leaves; ``keys[l] [B**l, B, n]``: the child keys of level ``l``'s nodes.
+    Child ``c`` of node ``i`` is node ``i * B + c``. Taught in: book/routing_trees."""
 
     def __init__(self, keys: Sequence[torch.Tensor], kind: str = "custom", bounds: tuple[float, float] | None = None,
                  axis_branching: tuple[int, ...] | None = None, n: int | None = None) -> None:
@@ -87,8 +83,7 @@ class RoutingTree:
     @classmethod
     def regular(cls, n: int, depth: int, branching: int | Sequence[int] = 2, a: float = 0.0,
                 b: float = 1.0) -> "RoutingTree":
-        """Regular tree over [a, b]^n: each level splits every box into ``branching`` (or per-axis) pieces per axis;
-        the keys are the sub-box centers, so a point goes to the leaf box that contains it."""
+        """Regular tree over [a, b]^n: each level cuts every box in ``branching`` pieces per axis, keys at centers."""
         n = check_positive_int("dimension n", n)
         depth = check_positive_int("depth", depth)
         per_axis = tuple(branching) if isinstance(branching, (list, tuple)) else (branching,) * n
@@ -108,8 +103,7 @@ class RoutingTree:
 
     @classmethod
     def from_data(cls, x: Any, depth: int, branching: int = 4, iters: int = 25, seed: int = 0) -> "RoutingTree":
-        """Data-driven tree by recursive k-means (Lloyd inside every node of a level at once); needs at least
-        ``branching**depth`` points, and a node with fewer distinct points gets repeated keys (empty leaves)."""
+        """Recursive k-means tree, Lloyd in every node of a level at once (a node short of points repeats keys)."""
         depth = check_positive_int("depth", depth)
         big_b = check_positive_int("branching", branching)
         if big_b < 2:
@@ -167,9 +161,8 @@ class RoutingTree:
         chunk = max(1, _ROUTE_BLOCK // (self.branching * self.n))
         for s in range(0, len(pts), chunk):
             exact, node = pts[s : s + chunk], leaf[s : s + chunk]  # node: a view, updated in place
-            xb = exact.to(torch.float32)
             for level, k in enumerate(self._keys_on(pts.device)):
-                child = _nearest(xb, k, node, exact)
+                child = _nearest(exact, k, node)
                 path[s : s + chunk, level] = child
                 node.mul_(self.branching).add_(child)
         return (leaf, path) if return_path else leaf
@@ -179,9 +172,8 @@ class RoutingTree:
         pts = _as_points(x, self.n)
         leaf_keys = self._keys_on(pts.device)[-1].reshape(-1, self.n)
         chunk = max(1, _ROUTE_BLOCK // self.num_leaves)
-        out = [torch.cdist(pts[s : s + chunk].to(torch.float32), leaf_keys,
-                           compute_mode="donot_use_mm_for_euclid_dist").argmin(1) for s in range(0, len(pts), chunk)]
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=pts.device)
+        exact = "donot_use_mm_for_euclid_dist"
+        return torch.cat([torch.cdist(p.float(), leaf_keys, compute_mode=exact).argmin(1) for p in pts.split(chunk)])
 
     def leaf_counts(self, x: Any) -> torch.Tensor:
         """How many points of ``x`` land in each leaf (``[num_leaves]``)."""
@@ -234,21 +226,18 @@ def _boxes(per_axis: tuple[int, ...], a: float, b: float, depth: int) -> list[tu
     return out
 
 
-def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor,
-             exact: torch.Tensor | None = None) -> torch.Tensor:
+def _nearest(x: torch.Tensor, keys: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
     """Index ``[N]`` of the nearest child key of each point's node: ``x [N, n]``, ``keys [nodes, B, n]``, ``node [N]``.
-
-    float32 distances first; near ties are decided again in float64 (from ``exact``) with the differences
-    ``d_j - d_b = (k_j - k_b)·(k_j + k_b - 2x)``, exact 0 on coordinates where the keys agree, however far ``x`` is.
-    """
-    d = keys[node].sub_(x[:, None, :]).square_().sum(-1)
+    float32 distances; near ties decided again in float64 (from ``x`` itself) by ``d_j - d_b = (k_j - k_b)·(k_j + k_b -
+    2x)``, exact 0 on coordinates where the keys agree, however far ``x`` is."""
+    d = keys[node].sub_(x.to(torch.float32)[:, None, :]).square_().sum(-1)
     best = d.argmin(1)
     if keys.shape[1] < 2 or len(x) == 0:
         return best
     d_min = d.gather(1, best[:, None])
     rows = torch.nonzero((d <= d_min * (1 + _TIE_RTOL)).sum(1) > 1).flatten()
     if len(rows):
-        xe = (x if exact is None else exact)[rows].double()[:, None, :]
+        xe = x[rows].double()[:, None, :]
         k, b = keys[node[rows]].double(), best[rows]
         for _ in range(keys.shape[1]):
             kb = k[torch.arange(len(rows)), b][:, None, :]

@@ -11,8 +11,7 @@ __all__ = ["mlp_parameter_count", "dense_width_for_parameters"]
 
 def mlp_parameter_count(n_in: int, width: int, hidden_layers: int, n_out: int = 1, prelu: bool = False,
                         batchnorm: bool = False) -> int:
-    """Parameters of an MLP ``n_in → width (× hidden_layers) → n_out`` with biases (``prelu``: a slope per hidden
-    layer; ``batchnorm``: a scale and a shift per hidden unit). Taught in: book/momlp_grid_regression."""
+    """Parameters of an MLP with biases (and PReLU slopes, BatchNorm affine). Taught in: book/momlp_grid_regression."""
     for name, v in (("n_in", n_in), ("width", width), ("hidden_layers", hidden_layers), ("n_out", n_out)):
         check_positive_int(name, v)
     count = (n_in + 1) * width + (hidden_layers - 1) * (width + 1) * width + (width + 1) * n_out
@@ -22,9 +21,7 @@ def mlp_parameter_count(n_in: int, width: int, hidden_layers: int, n_out: int = 
 def dense_width_for_parameters(budget: int, n_in: int, hidden_layers: int, n_out: int = 1, prelu: bool = False,
                                batchnorm: bool = False) -> int:
     """Largest width (at least 1) whose MLP has at most ``budget`` parameters. Taught in: book/momlp_grid_regression."""
-    for name, v in (("budget", budget), ("n_in", n_in), ("hidden_layers", hidden_layers), ("n_out", n_out)):
-        check_positive_int(name, v)
-    # the count grows with the width: bisect for the number of widths 1, 2, ... that fit
-    fits = bisect.bisect_right(range(1, budget + 1), budget,
+    # the count grows with the width (mlp_parameter_count checks the sizes): bisect for how many widths 1, 2, ... fit
+    fits = bisect.bisect_right(range(1, check_positive_int("budget", budget) + 1), budget,
                                key=lambda w: mlp_parameter_count(n_in, w, hidden_layers, n_out, prelu, batchnorm))
     return max(1, fits)

@@ -24,8 +24,7 @@ _EVAL_CHUNK = 256  # validation rows per expert per forward: fixed, so no expert
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An expert's training or validation loss became NaN or infinite; ``experts`` lists their ids.
-    Taught in: book/momlp_grid_regression."""
+    """An expert's loss became NaN or infinite; ``experts`` lists their ids. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, experts: list[int], step: int) -> None:
         self.experts, self.step = [int(e) for e in experts], int(step)
@@ -35,12 +34,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train experts (defaults: Kratsios et al.'s regression setting, Adam 1e-4); ``batch_size`` is per expert.
-
-    ``max_epochs`` (of the largest shard) overrides ``max_steps``. An expert stops after ``patience`` evaluations
-    (every ``eval_every`` steps, default one epoch) without beating its best by ``min_delta``.
-    Taught in: book/momlp_grid_regression.
-    """
+    """How to train experts (defaults: Kratsios et al.'s regression setting); ``batch_size`` is per expert, and
+    ``max_epochs`` (of the largest shard) overrides ``max_steps``. Taught in: book/momlp_grid_regression."""
 
     loss: str = "mse"
     optimizer: str = "adam"
@@ -64,15 +59,14 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "patience", "eval_every"):
             if name in ("batch_size", "max_steps") or getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
-        for name, low, high, closed in (("lr", 0, math.inf, False), ("weight_decay", 0, math.inf, True),
-                                        ("max_epochs", 0, math.inf, False), ("val_fraction", 0, 1, True),
-                                        ("min_delta", 0, math.inf, True)):
-            v = getattr(self, name)
+        for name, closed in (("lr", False), ("weight_decay", True), ("max_epochs", False), ("val_fraction", True),
+                             ("min_delta", True)):
+            v, high = getattr(self, name), 1 if name == "val_fraction" else math.inf
             if v is None and name in ("weight_decay", "max_epochs"):
                 continue
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v < high
-            if not ok or not (v >= low if closed else v > low):
-                raise ValueError(f"{name} must be a finite number in {'[' if closed else '('}{low}, {high}), got {v!r}")
+            if not ok or not (v >= 0 if closed else v > 0):
+                raise ValueError(f"{name} must be a finite number in {'[' if closed else '('}0, {high}), got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -106,8 +100,7 @@ def _row_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Te
 
 
 def per_expert_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Mean loss of each expert: ``pred [L, B, out]``, target ``[L, B, out]`` (or ``[L, B]`` ids) -> ``[L]``.
-    Taught in: book/momlp_grid_regression."""
+    """Mean loss of each expert: ``[L, B, out]`` -> ``[L]``. Taught in: book/momlp_grid_regression."""
     if loss == "mse":  # one mean over all B * out elements
         return (pred.float() - target.float()).pow(2).mean(dim=(1, 2))
     return _row_losses(pred, target, loss).mean(1)
@@ -124,7 +117,6 @@ class LockstepStep:
     Adam step; ``step(xb [L, B, in], yb) -> losses [L]``. Taught in: book/momlp_grid_regression."""
 
     def __init__(self, net: StackedMLP, cfg: TrainConfig) -> None:
-        # foreach: one kernel per op over all parameter tensors (the same update as the default loop)
         self.net, self.loss, self.opt = net, cfg.loss, make_optimizer(net.parameters(), cfg, foreach=True)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -135,8 +127,10 @@ class LockstepStep:
         return losses.detach()
 
 
-def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None:
-    """Shapes, dtypes and finiteness of the training data, with errors that name the value and the fix."""
+def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
+                  expert_ids: Sequence[int] | torch.Tensor | None
+                  ) -> tuple[torch.Tensor, list[int], LeafSplit, int, int, torch.device]:
+    """Check the data and decide what to train (both trainers): ids, skipped ids, split, steps, eval_every, device."""
     for name, t in (("x", x), ("y", y), ("leaf", leaf)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}; use torch.as_tensor({name})")
@@ -150,7 +144,7 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
     if leaf.ndim != 1 or leaf.is_floating_point() or (leaf.numel() and int(leaf.min()) < 0):
         raise ValueError(f"leaf must be a 1-D integer tensor of expert ids >= 0, got {leaf.dtype} {tuple(leaf.shape)}"
                          f"{'' if not leaf.numel() or leaf.is_floating_point() else f' with min {int(leaf.min())}'}")
-    if loss == "cross_entropy":
+    if cfg.loss == "cross_entropy":
         if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise ValueError(f"cross_entropy needs integer class ids y of shape [N], got {y.dtype} {tuple(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= model.n_out):
@@ -168,13 +162,6 @@ def _check_data(model: StackedMLP, x: Any, y: Any, leaf: Any, loss: str) -> None
             row = int(bad.reshape(len(t), -1).any(1).nonzero()[0])
             raise ValueError(f"{name} holds {int(bad.sum())} non-finite values (first in row {row}: "
                              f"{t[row].tolist()}); drop or impute those rows before training")
-
-
-def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig,
-                  expert_ids: Sequence[int] | torch.Tensor | None
-                  ) -> tuple[torch.Tensor, list[int], LeafSplit, int, int, torch.device]:
-    """Check the data and decide what to train (both trainers): ids, skipped ids, split, steps, eval_every, device."""
-    _check_data(model, x, y, leaf, cfg.loss)
     leaf = leaf.long()
     ids = model.expert_ids.cpu() if expert_ids is None else torch.as_tensor(expert_ids, dtype=torch.long).flatten()
     model.local_index(ids)  # raises for ids the model does not hold
@@ -202,11 +189,8 @@ def plan_training(model: StackedMLP, x: Any, y: Any, leaf: Any, cfg: TrainConfig
 def _padded(t: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows grouped by expert (``counts[j]`` each) as ``[L, V, ...]``, zero padded to a multiple of the chunk."""
     width = max(1, math.ceil(int(counts.max()) / _EVAL_CHUNK)) * _EVAL_CHUNK
-    local = torch.repeat_interleave(torch.arange(len(counts)), counts).to(t.device)
-    pos = torch.arange(len(t), device=t.device) - (torch.cumsum(counts, 0) - counts).to(t.device)[local]
-    out = t.new_zeros(len(counts), width, *t.shape[1:])
-    out[local, pos] = t
-    return out
+    groups = [*t.split(counts.tolist()), t.new_zeros(width, *t.shape[1:])]  # the last one sets the width
+    return torch.nn.utils.rnn.pad_sequence(groups, batch_first=True)[:-1]
 
 
 def _validation_loss(net: StackedMLP, x_val: torch.Tensor, y_val: torch.Tensor, n_val: torch.Tensor,
@@ -228,24 +212,20 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
                   config: TrainConfig | None = None, expert_ids: Sequence[int] | torch.Tensor | None = None, *,
                   make_step: Callable[[StackedMLP, TrainConfig], Callable[..., torch.Tensor]] = LockstepStep
                   ) -> TrainResult:
-    """Algorithm 2 in lockstep: train every expert (or those of ``expert_ids``) on its leaf's rows, in place.
-
-    ``y``: ``[N, n_out]`` for mse, ``[N]`` class ids for cross_entropy; ``leaf [N]``: each row's expert id.
-    Experts end at their best evaluation. Taught in: book/momlp_grid_regression.
-    """
+    """Algorithm 2 in lockstep: train every expert (or those of ``expert_ids``) on its leaf's rows, in place; ``y`` is
+    ``[N, n_out]`` for mse, ``[N]`` class ids for cross_entropy. Taught in: book/momlp_grid_regression."""
     cfg = config or TrainConfig()
     ids, skipped, s, steps, every, dev = plan_training(model, x, y, leaf, cfg, expert_ids)
     L = len(ids)
     net = model.subset(ids).to(dev)
     step_fn = make_step(net, cfg)
-    x_tr, y_tr, offsets = x[s.train_rows].to(dev), y[s.train_rows].to(dev), s.train_offsets.to(dev)
+    x_tr, y_tr, offsets = x[s.train_rows].to(dev), y[s.train_rows].to(dev), (s.n_train.cumsum(0) - s.n_train).to(dev)
     x_va, y_va = _padded(x[s.val_rows].to(dev), s.n_val), _padded(y[s.val_rows].to(dev), s.n_val)
     sampler = LockstepSampler(s.n_train, ids, cfg.batch_size, cfg.seed, dev)
     has_val, active = s.n_val > 0, torch.ones(L, dtype=torch.bool)
     best_val, best_step = torch.full((L,), math.inf), torch.where(has_val, 0, -1)
     stop_step, bad = torch.full((L,), -1), torch.zeros(L, dtype=torch.long)
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    nan = torch.tensor(math.nan)
     hist: dict[str, list] = {"step": [], "train": [], "val": []}
     running, since, step = torch.zeros(L, device=dev), 0, 0
     t0 = time.perf_counter()
@@ -258,8 +238,8 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
                 if bool(broken.any()):
                     raise NonFiniteLossError(ids[broken].tolist(), step)
                 hist["step"].append(step)
-                hist["train"].append(train.where(active, nan))
-                hist["val"].append(val.where(active, nan))
+                hist["train"].append(train.where(active, math.nan))
+                hist["val"].append(val.where(active, math.nan))
                 better = active & has_val & (val < best_val - cfg.min_delta)    # keep the best
                 for k, v in net.state_dict().items():
                     best[k][better.to(v.device)] = v[better.to(v.device)]
