@@ -1,17 +1,5 @@
-"""momlp_lite: Mixture-of-Experts MLPs for the momlp-book.
-
-Subpackages and modules, by the book's parts
---------------------------------------------
-runtime      profiles, ``choose``, seeding, device, ``start_chapter``, timing, recorded results
-moe          routing trees, stacked experts, the Algorithm 2 trainer (order, trainer, reference, fast path),
-             parameter counts, learned gates (top-k, expert choice), a tiny ViT with MoE FFNs, the learned soft tree
-softmoe      the Soft MoE layer, best-expert-subset selection, the papers' tasks
-data         grid targets on [a, b]^n, image datasets, frozen features
-store        checked files, the expert store (one file per expert, loaded one at a time)
-distributed  run configs, training experts on many processes (torchrun), the ``momlp-train`` CLI
-theory       approximation-rate constructions and VC-dimension bounds
-viz          plotly figures for the static book, ipywidgets controls
-"""
+"""momlp_lite: Mixture-of-Experts MLPs for the momlp-book. Subpackages follow the book's parts: runtime, moe,
+softmoe, data, store, distributed, theory, viz (README's Layout section says what each holds)."""
 
 from .data import load_image_data
 from .data.features import compute_features

@@ -23,7 +23,7 @@ from .store.files import atomic_write_bytes
 __all__ = [
     "PROFILES", "Profile", "get_profile", "choose", "seed_everything", "get_device", "Chapter", "start_chapter",
     "best_time", "torch_threads", "results_dir", "run_metadata", "write_results", "load_results",
-    "paper_profile_hint", "check_positive_int",
+    "paper_profile_hint", "check_positive_int", "check_positive_ints",
 ]
 
 T = TypeVar("T")
@@ -89,6 +89,12 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
+
+
+def check_positive_ints(**values: object) -> None:
+    """:func:`check_positive_int` for each ``name=value``, in order. Taught in: book/routing_trees."""
+    for name, value in values.items():
+        check_positive_int(name, value)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from .data import Target, get_target
 from .moe.routing import RoutingTree
 from .moe.sizes import mlp_parameter_count
-from .runtime import check_positive_int
+from .runtime import check_positive_ints
 
 __all__ = [
     "hat_network", "relu_network_forward", "hat_parameter_count", "courant_hat", "ConstructionPlan",
@@ -35,11 +35,6 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
-def _check_positive_ints(**values: int) -> None:
-    for name, value in values.items():
-        check_positive_int(name, value)
-
-
 def _grid(axis: torch.Tensor, n: int) -> torch.Tensor:
     """All points of ``axis^n`` as ``[len(axis)^n, n]``, the last coordinate varying fastest."""
     return torch.cartesian_prod(*[axis] * n).reshape(-1, n)
@@ -54,7 +49,7 @@ def courant_hat(y: torch.Tensor) -> torch.Tensor:
 
 def hat_network(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The Courant hat as ``(W, b)`` layers, ReLU after all but the last. Taught in: book/approximation_rates."""
-    _check_positive_ints(n=n)
+    check_positive_ints(n=n)
     z = np.vstack([np.zeros(n), np.eye(n)])  # z = (0, y_1, ..., y_n) as rows over y
     w1 = np.stack([z[j] - z[i] for i in range(n + 1) for j in range(n + 1) if i != j])
     layers = [(w1, np.ones(len(w1)))]
@@ -91,7 +86,7 @@ def hat_parameter_count(n: int) -> int:
 # ---------------------------------------------------------------------------------------------- the construction
 def cells_per_axis_for(lipschitz: float, n: int, eps: float) -> int:
     """Smallest ``N`` (cells per axis) with ``lipschitz sqrt(n) / (2N) <= eps``. Taught in: book/approximation_rates."""
-    _check_positive_ints(n=n)
+    check_positive_ints(n=n)
     eps = _check_eps(eps)
     if not (math.isfinite(lipschitz) and lipschitz >= 0):
         raise ValueError(f"lipschitz must be a finite number >= 0, got {lipschitz!r}")
@@ -205,7 +200,7 @@ def build_interpolating_momlp(
     """The training-free MoMLP with sup error ``<= eps`` on ``[0,1]^n``, each expert about ``N^r`` sub-cubes per axis.
     ``lipschitz`` defaults to ``target.lipschitz(n)``. Taught in: book/approximation_rates."""
     tgt = get_target(target) if isinstance(target, str) else target
-    _check_positive_ints(n=n)
+    check_positive_ints(n=n)
     plan = plan_construction(float(tgt.lipschitz(n) if lipschitz is None else lipschitz), n, eps, r)
     big_n = plan.cells_per_axis
     if (big_n + 1) ** n > _MAX_GRID_VERTICES:
@@ -223,7 +218,7 @@ def build_interpolating_momlp(
 def dense_test_points(n: int, per_axis: int, random_points: int = 0, seed: int = 0) -> torch.Tensor:
     """A float64 grid of ``per_axis`` points per axis on ``[0,1]^n`` (pick it off the interpolation grid) plus
     ``random_points`` uniform points. Taught in: book/approximation_rates."""
-    _check_positive_ints(n=n, per_axis=per_axis)
+    check_positive_ints(n=n, per_axis=per_axis)
     pts = _grid(torch.linspace(0.0, 1.0, per_axis, dtype=torch.float64), n)
     if random_points:
         gen = torch.Generator().manual_seed(int(seed))
@@ -251,12 +246,12 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
 def momlp_vc_bound(n: int, L: int, J: int, W: int) -> int:
     """Kratsios et al.'s ``O~(L max{n L, J W})`` for ``L`` experts of depth ``J`` and width ``W`` on ``R^n``, with
     constant 1 and no log factors. Taught in: book/vc_dimension."""
-    _check_positive_ints(n=n, L=L, J=J, W=W)
+    check_positive_ints(n=n, L=L, J=J, W=W)
     return int(L) * max(int(n) * int(L), int(J) * int(W))
 
 
 def _check_dense(num_params: int, num_layers: int) -> None:
-    _check_positive_ints(num_params=num_params, num_layers=num_layers)
+    check_positive_ints(num_params=num_params, num_layers=num_layers)
     if num_params < 2:
         raise ValueError(f"num_params must be >= 2 for a logarithm > 0, got {num_params}")
 
@@ -277,7 +272,7 @@ def dense_vc_lower(num_params: int, num_layers: int) -> float:
 
 def momlp_total_parameters(n: int, L: int, J: int, W: int, prelu: bool = True) -> int:
     """Parameters of ``L`` experts ``n -> W (J hidden layers) -> 1``, PReLU by default. Taught in: book/vc_dimension."""
-    _check_positive_ints(n=n, L=L, J=J, W=W)
+    check_positive_ints(n=n, L=L, J=J, W=W)
     return int(L) * mlp_parameter_count(int(n), int(W), int(J), 1, prelu=prelu)
 
 

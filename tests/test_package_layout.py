@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "momlp_lite"
 CHAPTERS = {p.stem for p in (ROOT / "book").glob("*.ipynb")}
 MAX_MODULE_LINES = 400
+MAX_PACKAGE_LINES = 4500
 MAX_TOP_LEVEL_NAMES = 15
 
 
@@ -28,6 +29,15 @@ def _lines(path: Path) -> int:
 def test_no_module_is_over_the_line_budget():
     long = {str(p.relative_to(ROOT)): _lines(p) for p in PACKAGE.rglob("*.py") if _lines(p) > MAX_MODULE_LINES}
     assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_the_whole_package_is_within_its_line_budget():
+    per_part: dict[str, int] = {}
+    for p in PACKAGE.rglob("*.py"):
+        part = p.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        per_part[part] = per_part.get(part, 0) + _lines(p)
+    total = sum(per_part.values())
+    assert total <= MAX_PACKAGE_LINES, f"{total} package lines (budget {MAX_PACKAGE_LINES}): {per_part}"
 
 
 def test_top_level_names_are_few_and_all_used_by_a_chapter():

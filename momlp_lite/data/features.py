@@ -199,8 +199,7 @@ def compute_features(data: ImageData, extractor: nn.Module,
                      device: torch.device | str | None = None, progress: bool = True,
                      num_workers: int = 0) -> FeatureSet:
     """Features of both splits, from the cache (default ``data_root() / "features"``; ``False``: none) or computed
-    and cached. Taught in: book/image_classification.
-    """
+    and cached. Taught in: book/image_classification."""
     check_positive_int("batch_size", batch_size)
     dev = torch.device(device) if device is not None else get_device()
     folder = None if cache_dir is False else Path(data_root() / "features" if cache_dir in (None, True) else cache_dir)

@@ -177,8 +177,7 @@ def load_image_data(name: str, root: str | os.PathLike[str] | None = None, downl
                     test_fraction: float = 0.2, seed: int = 0, max_train: int | None = None,
                     max_test: int | None = None, image_size: int = 224) -> ImageData:
     """The one image loader: offline sets split by :func:`split_rows`, torchvision's with their standard splits
-    (under :func:`data_root`); ``max_*`` keep a seeded subset. Taught in: book/image_classification.
-    """
+    (under :func:`data_root`); ``max_*`` keep a seeded subset. Taught in: book/image_classification."""
     try:
         info = IMAGE_DATASETS[name]
     except KeyError:

@@ -1,6 +1,5 @@
 """``momlp-train`` / ``python -m momlp_lite.distributed CONFIG``: a user's error exits 2 (a failed expert 1) with one
-line ``error: …`` on stderr, never a traceback.
-"""
+line ``error: …`` on stderr, never a traceback."""
 
 from __future__ import annotations
 

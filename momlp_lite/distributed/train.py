@@ -1,6 +1,5 @@
 """Train a MoMLP's experts on many processes: rank ``r`` of ``W`` trains ``ids[r::W]`` through the store, rank 0
-commits; expert ``i`` depends only on ``(seed, i)``, and a re-run skips experts already done.
-"""
+commits; expert ``i`` depends only on ``(seed, i)``, and a re-run skips experts already done."""
 
 from __future__ import annotations
 
@@ -140,8 +139,7 @@ def _train_config(cfg: RunConfig, counts: torch.Tensor, device: torch.device, pr
 def _train_group(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor, ids: list[int],
                  tcfg: TrainConfig) -> tuple[StackedMLP | None, dict[int, dict[str, str]], dict[int, str]]:
     """Train ``ids`` in lockstep: ``(model, metadata per trained expert, reason per failed expert)``; a failed expert
-    (non-finite loss or weights) is never recorded as trained, and the rest of its group trains again without it.
-    """
+    (non-finite loss or weights) is never recorded as trained, and the rest of its group trains again without it."""
     counts = torch.bincount(leaf, minlength=max(ids) + 1)
     shape = _expert_shape(cfg, y, int(x.shape[1]))
     failed: dict[int, str] = {}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import check_positive_int
+from ..runtime import check_positive_int, check_positive_ints
 from .experts import StackedMLP
 
 __all__ = ["top_k_gate", "load_balancing_loss", "router_z_loss", "expert_capacity", "assign_slots",
@@ -56,8 +56,7 @@ def top_k_gate(logits: torch.Tensor, k: int, renormalize: bool | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax gate keeping each token's ``k`` largest experts: ``(weights [T, k], index [T, k], probs [T, N])``.
 
-    ``index`` is in decreasing order. ``renormalize`` (default ``k > 1``, as GShard and Mixtral) makes the kept
-    weights sum to one; Switch's ``k = 1`` keeps the raw probability. Taught in: book/learned_gates."""
+    ``index`` decreasing; ``renormalize`` (default ``k > 1``): kept weights sum to 1. Taught in: book/learned_gates."""
     probs = _router_probs(logits)
     _check_k(k, logits.shape[1])
     top, index = probs.topk(k, dim=-1)
@@ -80,8 +79,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1) -> int:
     """Tokens an expert may take: ``⌈capacity_factor · k · T / N⌉``. Taught in: book/learned_gates."""
-    check_positive_int("num_tokens", num_tokens)
-    check_positive_int("num_experts", num_experts)
+    check_positive_ints(num_tokens=num_tokens, num_experts=num_experts)
     _check_k(k, num_experts)
     cf = _check_capacity_factor(capacity_factor, none_drops_nothing=False)
     return max(1, math.ceil(cf * k * num_tokens / num_experts - 1e-9))
@@ -143,10 +141,9 @@ class _RoutedLayer(nn.Module):
 class TokenChoiceMoE(_RoutedLayer):
     """Top-k learned gate over stacked MLP experts (Shazeer 2017, Switch, GShard).
 
-    ``noisy`` adds Shazeer's trained noise ``ε · softplus(x W_noise)`` in training; ``capacity_factor`` keeps at most
-    ``expert_capacity(T, N, cf, k)`` tokens per expert (the rest get zero output), ``None`` drops nothing.
-    ``last_aux``: ``load_balancing``, ``z_loss``, ``expert_load`` (``[N]``, share of the assignments before dropping),
-    ``dropped`` (share dropped), ``logits`` (detached). Taught in: book/learned_gates, book/moe_transformer."""
+    ``noisy``: trained noise ``ε · softplus(x W_noise)``; ``capacity_factor``: at most ``expert_capacity(T, N, cf, k)``
+    tokens per expert, the rest output zero (``None``: no dropping). ``last_aux``: ``load_balancing``, ``z_loss``,
+    ``expert_load`` ``[N]``, ``dropped``, ``logits``. Taught in: book/learned_gates, book/moe_transformer."""
 
     def __init__(self, n_in: int, n_out: int, num_experts: int, width: int, hidden_layers: int, k: int = 1,
                  capacity_factor: float | None = None, noisy: bool = False,
@@ -183,9 +180,8 @@ class TokenChoiceMoE(_RoutedLayer):
 class ExpertChoiceMoE(_RoutedLayer):
     """Expert-choice routing (Zhou et al. 2022): every expert takes its ``⌈cf · T / N⌉`` top-scored tokens.
 
-    A token may be taken by several experts or by none (zero output). ``last_aux``: ``expert_load`` (uniform),
-    ``dropped`` (share of tokens no expert took), ``z_loss``, ``load_balancing`` (zero), ``experts_per_token``
-    (``[T]``) and ``logits``. Taught in: book/learned_gates, book/moe_transformer."""
+    A token may be taken by several experts or by none (zero output). ``last_aux`` adds ``experts_per_token`` ``[T]``.
+    Taught in: book/learned_gates, book/moe_transformer."""
 
     def __init__(self, n_in: int, n_out: int, num_experts: int, width: int, hidden_layers: int,
                  capacity_factor: float = 1.0, generator: torch.Generator | None = None, *,

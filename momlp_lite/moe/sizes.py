@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 
-from ..runtime import check_positive_int
+from ..runtime import check_positive_int, check_positive_ints
 
 __all__ = ["mlp_parameter_count", "dense_width_for_parameters"]
 
@@ -12,8 +12,7 @@ __all__ = ["mlp_parameter_count", "dense_width_for_parameters"]
 def mlp_parameter_count(n_in: int, width: int, hidden_layers: int, n_out: int = 1, prelu: bool = False,
                         batchnorm: bool = False) -> int:
     """Parameters of an MLP with biases (and PReLU slopes, BatchNorm affine). Taught in: book/momlp_grid_regression."""
-    for name, v in (("n_in", n_in), ("width", width), ("hidden_layers", hidden_layers), ("n_out", n_out)):
-        check_positive_int(name, v)
+    check_positive_ints(n_in=n_in, width=width, hidden_layers=hidden_layers, n_out=n_out)
     count = (n_in + 1) * width + (hidden_layers - 1) * (width + 1) * width + (width + 1) * n_out
     return count + (hidden_layers if prelu else 0) + (2 * width * hidden_layers if batchnorm else 0)
 

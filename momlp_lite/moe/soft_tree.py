@@ -16,9 +16,9 @@ __all__ = ["SoftTreeMoE"]
 class SoftTreeMoE(nn.Module):
     """A learned binary tree of ``depth`` levels of hyperplanes ``(w_i, b_i)`` over ``2**depth`` PReLU leaf experts.
 
-    Node ``i`` sends ``x`` right with probability ``σ(w_i·x + b_i)``. Training mode: soft, ``y = Σ_leaf p_leaf(x) ·
-    f_leaf(x)``; eval mode: hard, the one leaf reached by the signs. ``last_aux``: ``hardening`` (mean leaf entropy,
-    a loss term), ``expert_load`` (``[2**depth]``) and ``dropped`` (0.0). Taught in: book/routing_families."""
+    Node ``i`` sends ``x`` right with probability ``σ(w_i·x + b_i)``; training: ``y = Σ_leaf p_leaf(x) f_leaf(x)``;
+    eval: the one leaf the signs reach. ``last_aux``: ``hardening`` (mean node entropy, a loss term), ``expert_load``
+    ``[2**depth]``, ``dropped`` (0.0). Taught in: book/routing_families."""
 
     def __init__(self, n_in: int, n_out: int, depth: int, width: int, hidden_layers: int, *,
                  generator: torch.Generator | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import check_positive_int
+from ..runtime import check_positive_ints
 
 __all__ = ["SoftMoE", "NORMALIZATIONS", "expert_subset", "softmoe_flops"]
 
@@ -27,18 +27,15 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 class SoftMoE(nn.Module):
     """Soft MoE on ``X [B, m, d]``: router ``Φ [d, n·p]``, ``n`` ReLU experts ``d → h → d``, ``p`` slots each.
 
-    ``normalize``: ``"tokens"`` (the authors' code: normalized tokens feed the logits and the slots), ``"logits"``
-    (vmoe: for the logits only), ``"none"`` (Definition 1); ``phi_init``: ``normal`` ``N(0, 1/d)`` or ``uniform``
-    ``U[-1, 1]`` (the authors' MNIST code). Taught in: book/softmoe_one_expert.
-    """
+    ``normalize``: ``"tokens"`` (the authors': normalized tokens feed logits and slots), ``"logits"`` (vmoe: logits
+    only), ``"none"`` (Definition 1); ``phi_init``: ``normal`` ``N(0, 1/d)`` or ``uniform`` ``U[-1, 1]`` (the
+    authors' MNIST code). Taught in: book/softmoe_one_expert."""
 
     def __init__(self, dim: int, num_experts: int, hidden: int, *, slots_per_expert: int = 1,
                  normalize: str = "logits", bias: bool = False, phi_init: str = "normal",
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
-        for name, value in dict(dim=dim, num_experts=num_experts, hidden=hidden,
-                                slots_per_expert=slots_per_expert).items():
-            check_positive_int(name, value)
+        check_positive_ints(dim=dim, num_experts=num_experts, hidden=hidden, slots_per_expert=slots_per_expert)
         _check_choice("normalize", normalize, NORMALIZATIONS)
         _check_choice("phi_init", phi_init, ("normal", "uniform"))
         self.dim, self.num_experts, self.hidden, self.slots_per_expert = dim, num_experts, hidden, slots_per_expert
@@ -123,8 +120,7 @@ class SoftMoE(nn.Module):
     def select_experts(self, x: torch.Tensor, k: int, mode: str = "best", generator: torch.Generator | None = None,
                        combine: torch.Tensor | None = None) -> torch.Tensor:
         """Ascending indices ``[B, k]`` of the kept experts: ``best``, the ``k`` of **largest** combine mass
-        (Algorithm 1), or ``random``, ``k`` uniformly without replacement per input.
-        """
+        (Algorithm 1), or ``random``, ``k`` uniformly without replacement per input."""
         self._check_k(k)
         _check_choice("mode", mode, SUBSET_MODES)
         combine = self.route(x)[2] if combine is None else combine
@@ -138,8 +134,7 @@ class SoftMoE(nn.Module):
     def forward_subset(self, x: torch.Tensor, k: int, mode: str = "best", generator: torch.Generator | None = None,
                        chosen: torch.Tensor | None = None) -> torch.Tensor:
         """Algorithm 2 as in the authors' code: only the ``k`` kept experts (or ``chosen [B, k]``) run, in one
-        ``bmm`` over the pairs grouped by expert; the others output zero; the **unnormalized** ``C`` combines.
-        """
+        ``bmm`` over the pairs grouped by expert; the others output zero; the **unnormalized** ``C`` combines."""
         tokens, dispatch, combine = self.route(x)
         b, m, d = x.shape
         p = self.slots_per_expert
@@ -168,8 +163,7 @@ class SoftMoE(nn.Module):
 def expert_subset(model: nn.Module, k: int | Sequence[int | None] | None, mode: str = "best",
                   generator: torch.Generator | None = None) -> Iterator[list[SoftMoE]]:
     """In the block, ``model``'s Soft MoE layers keep ``k`` experts per input (one ``k`` per layer or for all;
-    ``None``: all); yields the layers. Taught in: book/softmoe_best_subset.
-    """
+    ``None``: all); yields the layers. Taught in: book/softmoe_best_subset."""
     layers = [mod for mod in model.modules() if isinstance(mod, SoftMoE)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no SoftMoE layer to select experts in")

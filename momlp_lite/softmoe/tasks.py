@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.images import ImageSplit
-from ..runtime import check_positive_int
+from ..runtime import check_positive_int, check_positive_ints
 from .layer import SoftMoE
 
 __all__ = ["norm_task_batch", "SoftMoERegressor", "MNIST_MEAN", "MNIST_STD", "mnist_tokens",
@@ -23,8 +23,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 def norm_task_batch(batch: int, tokens: int, token_dim: int, variance: float = 5.0,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``X ~ N(0, variance·I)`` as ``[batch, tokens, token_dim]``, and ``‖X‖₂``. Taught in: book/softmoe_one_expert."""
-    for name, value in dict(batch=batch, tokens=tokens, token_dim=token_dim).items():
-        check_positive_int(name, value)
+    check_positive_ints(batch=batch, tokens=tokens, token_dim=token_dim)
     if variance <= 0:
         raise ValueError(f"variance must be > 0, got {variance}")
     x = torch.randn(batch, tokens, token_dim, generator=generator) * math.sqrt(variance)
@@ -58,9 +57,8 @@ def mnist_tokens(split: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SoftMoEClassifier(nn.Module):
-    """The authors' MNIST model: Soft MoE (``Φ ~ U[-1, 1]``, ``⌊784/n⌋`` hidden), then a bias-free linear head.
-    Taught in: book/softmoe_best_subset.
-    """
+    """The authors' MNIST model: Soft MoE (``Φ ~ U[-1, 1]``, ``⌊784/n⌋`` hidden), a bias-free linear head.
+    Taught in: book/softmoe_best_subset."""
 
     def __init__(self, num_experts: int, *, tokens: int = 4, dim: int = 196, hidden: int | None = None,
                  num_classes: int = 10, normalize: str = "tokens", generator: torch.Generator | None = None) -> None:
@@ -122,8 +120,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tenso
 
 def subset_masks(n: int, k: int) -> torch.Tensor:
     """All ``k``-subsets of ``n`` experts as 0/1 rows ``[C(n, k), n]``. Taught in: book/softmoe_best_subset."""
-    check_positive_int("n", n)
-    check_positive_int("k", k)
+    check_positive_ints(n=n, k=k)
     if k > n:
         raise ValueError(f"k = {k} is larger than n = {n}; use 1 <= k <= n")
     combos = torch.tensor(list(itertools.combinations(range(n), k)))

@@ -1,6 +1,5 @@
 """The expert store: ``manifest.json`` (the commit point), ``routing_tree.<hash>.safetensors`` and one checked file
-per expert, ``experts/expert_<id>.<hash>.safetensors``. Taught in: book/serving_one_expert.
-"""
+per expert, ``experts/expert_<id>.<hash>.safetensors``. Taught in: book/serving_one_expert."""
 
 from __future__ import annotations
 

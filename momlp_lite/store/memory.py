@@ -15,9 +15,8 @@ __all__ = ["TensorMemoryMeter", "MemoryReport", "measure_peak_memory"]
 
 
 class TensorMemoryMeter(TorchDispatchMode):
-    """Peak bytes (``peak_bytes``) of the live tensor storages that aten ops create while it is active, each counted
-    once until freed (tensor memory only, so CPU runs compare). Taught in: book/serving_one_expert.
-    """
+    """Peak bytes (``peak_bytes``) of the live tensor storages aten ops create while active, each counted once.
+    Taught in: book/serving_one_expert."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,8 +59,7 @@ class MemoryReport:
 @contextmanager
 def measure_peak_memory(device: torch.device | str, enabled: bool = True) -> Iterator[MemoryReport]:
     """Peak memory of the block on ``device``: CUDA's ``max_memory_allocated`` above the start, else a
-    :class:`TensorMemoryMeter` (``enabled=False``: not measured). Taught in: book/serving_one_expert.
-    """
+    :class:`TensorMemoryMeter` (``enabled=False``: not measured). Taught in: book/serving_one_expert."""
     dev = torch.device(device)
     if not enabled:
         yield MemoryReport(peak_bytes=None, how="not measured")
