@@ -249,7 +249,7 @@ def train_experts(model: StackedMLP, x: torch.Tensor, y: torch.Tensor, leaf: tor
                     stopping = active & has_val & (bad >= cfg.patience)
                     stop_step[stopping], active[stopping] = step, False
                 running, since = torch.zeros(L, device=dev), 0
-                bar.set_postfix(active=int(active.sum()))
+                bar.set_postfix(active=int(active.sum()), refresh=False)
             if step == steps or not bool(active.any()):
                 break
             idx = offsets[:, None] + sampler.indices(step)                        # sample
